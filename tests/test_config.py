@@ -1,0 +1,84 @@
+"""Config: defaults -> YAML -> overrides, strict keys and types, round trip."""
+
+import pytest
+import yaml
+
+from karma.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+
+
+def test_defaults_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 7\n  lr: 0.001\nloss:\n  preset: gen\n")
+    cfg = load_config(path, ["train.steps=9", "eval.ks=[1,10]", "model.lora=true"])
+    assert cfg.train.steps == 9  # override wins over YAML
+    assert cfg.train.lr == pytest.approx(1e-3)  # YAML wins over default
+    assert cfg.loss.preset == "gen"
+    assert cfg.eval.ks == [1, 10]
+    assert cfg.model.lora is True
+    assert cfg.data.max_history == Config().data.max_history  # untouched default
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(None, ["train.steps=3", "data.query_mode=none", "loss.lambda_rec=0.25"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*unknown config key 'train.stepz'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        apply_overrides(Config(), ["modle.lora=true"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("train.steps=abc", "train.steps"), ("model.lora=3", "model.lora"),
+     ("eval.ks=[1,x]", r"eval.ks\[1\]"), ("loss.lambda_gen=[1]", "loss.lambda_gen")],
+)
+def test_wrong_type_is_named(override, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        apply_overrides(Config(), [override])
+
+
+def test_int_coerces_to_float_but_not_bool_to_int():
+    cfg = config_from_dict({"loss": {"temperature": 1}})
+    assert isinstance(cfg.loss.temperature, float)
+    with pytest.raises(ConfigError):
+        config_from_dict({"train": {"steps": True}})
+
+
+def test_section_must_be_mapping():
+    with pytest.raises(ConfigError, match="'train': expected a mapping"):
+        config_from_dict({"train": 3})
+
+
+def test_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(Config(), ["train.steps"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "x.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "x.yaml")
+
+
+def test_saved_yaml_is_plain(tmp_path):
+    save_config(Config(), tmp_path / "c.yaml")
+    values = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert set(values) == {"data", "model", "loss", "train", "eval", "serve"}
