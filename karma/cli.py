@@ -116,8 +116,7 @@ def _cmd_backbones_convert(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from karma.demo import run_demo
 
-    cfg = load_config(args.config, args.overrides)
-    run_demo(cfg, out_dir=args.out)
+    run_demo(args.config, args.overrides, out_dir=args.out)
     return 0
 
 

@@ -9,6 +9,7 @@ are errors that name the full dotted key, so a typo never silently becomes a def
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -73,6 +74,7 @@ class LossConfig:
     learn_temperature: bool = True
     sampled_negatives: int = 0  # uniform catalog negatives per batch
     hard_negatives: bool = True  # use impressions shown but not clicked, when the data has them
+    max_hard_negatives: int = 8  # per example; more impressions are subsampled (0 = all)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class TrainConfig:
     head_lr: float = 1e-3  # projections, R, g, temperature
     weight_decay: float = 0.01
     warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio * lr (and * head_lr)
     clip_norm: float = 1.0
     eval_every: int = 200
     log_every: int = 10
@@ -106,6 +109,7 @@ class EvalConfig:
     index: str = "exact"  # exact | hnsw | ivf
     hnsw_m: int = 32
     hnsw_ef_search: int = 256
+    hnsw_ef_construction: int = 80
     ivf_nlist: int = 1024
     ivf_nprobe: int = 16
     batch_size: int = 256
@@ -122,6 +126,40 @@ class ServeConfig:
 
 
 @dataclass
+class SASRecConfig:
+    max_len: int = 200  # reads the user's full training sequence (last max_len items), not history
+    hidden: int = 64
+    blocks: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 200
+    patience: int = 20  # epochs without a gain in validation ndcg@10 before stopping
+
+
+@dataclass
+class BaselineConfig:
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    text_batch_size: int = 64  # frozen / minilm text encoding batch
+    minilm_history: int = 0  # minilm: most recent history titles appended to the user text
+
+
+@dataclass
+class AnalysisConfig:
+    split: str = "test"  # probe users are drawn from this split
+    probe_users: int = 200
+    seed: int = 0
+    eps: float = 0.3  # sink threshold of Gu et al.
+    batch_size: int = 16
+    heatmap_layers: list[int] = field(default_factory=list)  # empty = first, middle, last
+    max_new_tokens: int = 32
+    fit_steps: int = -1  # post-hoc R fit (models without L_rec); -1 = train.steps
+    fit_batch_size: int = 0  # 0 = train.batch_size
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -129,6 +167,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
 
 def _check_value(value: Any, tp: Any, key: str) -> Any:
@@ -209,9 +249,13 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then `overrides` (`a.b=c` strings)."""
-    cfg = Config()
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: Config | None = None,
+) -> Config:
+    """Defaults (or a copy of `base`), then the YAML file at `path` (if any), then `overrides`."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     if path is not None:
         path = Path(path)
         try:

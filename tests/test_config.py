@@ -81,4 +81,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_saved_yaml_is_plain(tmp_path):
     save_config(Config(), tmp_path / "c.yaml")
     values = yaml.safe_load((tmp_path / "c.yaml").read_text())
-    assert set(values) == {"data", "model", "loss", "train", "eval", "serve"}
+    assert {"data", "model", "loss", "train", "eval", "serve"} <= set(values)
+
+
+def test_base_config_then_file_then_overrides(tmp_path):
+    base = load_config(None, ["train.steps=5", "train.lr=0.5"])
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.25\n")
+    cfg = load_config(path, ["train.batch_size=3"], base=base)
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.batch_size) == (5, 0.25, 3)
+    assert base.train.batch_size == Config().train.batch_size  # base is copied, not mutated
