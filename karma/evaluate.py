@@ -1,0 +1,415 @@
+"""Full-catalog retrieval evaluation (`karma eval`) and embedding export (`karma export`).
+
+    karma eval --checkpoint runs/train/checkpoints/best eval.split=valid eval.index=hnsw
+    karma export --checkpoint runs/train/checkpoints/best --out runs/export --format npy
+
+From Python (baselines reuse the second half with their own embeddings or scores):
+
+    results = evaluate_checkpoint("runs/train/checkpoints/best", ["eval.max_users=200"])
+    results = evaluate_embeddings(user_emb, item_emb, examples, cfg, protocol={"method": "sasrec"})
+    results = evaluate_scores(scores, examples, cfg, protocol={"method": "popularity"})
+    results["metrics"]["masked"]["hr@10"], results["protocol"]["catalog_size"]
+    print(format_metrics_table({"karma": m1, "sasrec": m2}, protocol))
+
+Every user of the split is ranked against the WHOLE catalog by inner product (FAISS index of kind
+`eval.index`; the embeddings are used as given, not re-normalized). Metrics are computed twice:
+`masked` (items the user saw before the target are removed, the target never is) and `unmasked`;
+ties are broken pessimistically (see karma/metrics.py). The returned dict, written as
+`metrics.json`, is `{"protocol": {...}, "metrics": {"masked": {...}, "unmasked": {...}}}`, and the
+table printed with it is headed by the protocol (split, masking, query mode, catalog size, users,
+seed, checkpoint) so that no number is ever read without its protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from karma.config import Config, apply_overrides, config_to_dict
+from karma.errors import KarmaError
+from karma.index import build_index, search, torch_topk_search
+from karma.metrics import compute_metrics, rank_with_mask
+
+TIE_BREAK = "pessimistic (target ranked after every item with an equal score)"
+MASKING = "masked = seen items removed except the target; unmasked = nothing removed"
+
+
+def _eval_overrides(cfg: Config, overrides: Sequence[str] | None) -> Config:
+    """Apply `eval.*` / `data.*` overrides; other sections would no longer match the weights."""
+    overrides = list(overrides or [])
+    for text in overrides:
+        key = text.split("=", 1)[0]
+        if key.split(".", 1)[0] not in ("eval", "data"):
+            raise KarmaError(
+                f"override '{text}': only eval.* and data.* can be changed when evaluating a "
+                "checkpoint (the model config is fixed by its weights)"
+            )
+    return apply_overrides(cfg, overrides)
+
+
+def select_users(examples: Any, max_users: int, seed: int = 0) -> Any:
+    """All examples when `max_users` is 0 or covers them, else a seeded sample in file order.
+
+    `examples` is a dataclass of per-example lists / arrays (`karma.data.Examples`).
+    """
+    n = len(examples)
+    if max_users <= 0 or max_users >= n:
+        return examples
+    # a fixed seed (not the training seed) so every method is scored on the same users
+    keep = np.sort(np.random.default_rng(seed).choice(n, size=max_users, replace=False))
+    subset = {}
+    for f in dataclasses.fields(examples):
+        value = getattr(examples, f.name)
+        subset[f.name] = value[keep] if isinstance(value, np.ndarray) else [value[i] for i in keep]
+    return dataclasses.replace(examples, **subset)
+
+
+def _check_examples(examples: Any, n_users: int, n_items: int) -> tuple[np.ndarray, list]:
+    targets = np.asarray(examples.targets, dtype=np.int64)
+    seen = list(examples.seen)
+    if len(targets) != n_users or len(seen) != n_users:
+        raise KarmaError(
+            f"{n_users} user embeddings/score rows but {len(targets)} examples: they must match"
+        )
+    if n_users == 0:
+        raise KarmaError("the evaluation split has no examples")
+    bad = np.flatnonzero((targets < 0) | (targets >= n_items))
+    if len(bad):
+        raise KarmaError(
+            f"example row {bad[0]}: field 'target' = {targets[bad[0]]} is not an item_idx in "
+            f"[0, {n_items})"
+        )
+    return targets, seen
+
+
+def _exclude_lists(seen: list, targets: np.ndarray) -> list[list[int]]:
+    """Seen items minus the target: the target is never masked (karma/metrics.py)."""
+    return [[int(i) for i in s if int(i) != int(t)] for s, t in zip(seen, targets)]
+
+
+def _finish(
+    metrics: dict[str, dict[str, float]],
+    protocol: dict[str, Any],
+    print_table: bool,
+) -> dict[str, Any]:
+    results = {"protocol": protocol, "metrics": metrics}
+    if print_table:
+        print(format_metrics_table(metrics, protocol))
+    return results
+
+
+def base_protocol(cfg: Config, n_users: int, n_items: int, **extra: Any) -> dict[str, Any]:
+    """The protocol fields shared by every evaluation (extra keys are added or override)."""
+    protocol = {
+        "split": cfg.eval.split,
+        "masking": MASKING,
+        "primary": "masked" if cfg.eval.mask_history else "unmasked",
+        "query_mode": cfg.data.query_mode,
+        "catalog_size": int(n_items),
+        "users": int(n_users),
+        "ranking": "full catalog",
+        "tie_break": TIE_BREAK,
+        "seed": cfg.train.seed,
+        "data_seed": cfg.data.seed,
+        "ks": sorted(set(cfg.eval.ks)),
+    }
+    protocol.update(extra)
+    return protocol
+
+
+def evaluate_embeddings(
+    user_emb: np.ndarray | torch.Tensor,
+    item_emb: np.ndarray | torch.Tensor,
+    examples: Any,
+    cfg: Config,
+    protocol: dict[str, Any] | None = None,
+    print_table: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Rank the full catalog for every user by `user_emb @ item_emb.T` and compute the metrics.
+
+    user_emb: (U, k), one row per example of `examples` (anything with `targets` (U,) item_idx
+    and `seen` (U lists of item_idx), e.g. `karma.data.Examples`); item_emb: (N, k) in item_idx
+    order. The index is `cfg.eval.index`; exact search on a CUDA machine whose FAISS has no GPU
+    support uses `torch_topk_search` instead. `protocol` adds fields (checkpoint, method, ...).
+    """
+    import faiss
+
+    n_items, n_users = len(item_emb), len(user_emb)
+    targets, seen = _check_examples(examples, n_users, n_items)
+    ks = sorted(set(cfg.eval.ks))
+    # one more than max(ks): the pessimistic tie rule is then exact at every K (karma/metrics.py)
+    k_fetch = max(ks) + 1
+    exclude = _exclude_lists(seen, targets)
+    use_torch = (
+        cfg.eval.index == "exact"
+        and torch.cuda.is_available()
+        and not hasattr(faiss, "StandardGpuResources")
+    )
+    index_info: dict[str, Any] = {"kind": cfg.eval.index}
+    metrics = {}
+    if use_torch:
+        index_info["backend"] = "torch cuda"
+        for name, excl in (("masked", exclude), ("unmasked", None)):
+            scores, ids = torch_topk_search(
+                item_emb, user_emb, k_fetch, exclude=excl, show_progress=show_progress
+            )
+            metrics[name] = compute_metrics(ids, targets, ks, scores=scores)
+    else:
+        index = build_index(
+            item_emb,
+            cfg.eval.index,
+            normalize=False,
+            hnsw_m=cfg.eval.hnsw_m,
+            ef_search=cfg.eval.hnsw_ef_search,
+            ef_construction=cfg.eval.hnsw_ef_construction,
+            nlist=cfg.eval.ivf_nlist,
+            nprobe=cfg.eval.ivf_nprobe,
+            seed=cfg.data.seed,
+        )
+        index_info.update(index.params)
+        index_info["backend"] = "faiss gpu" if index.gpu_index is not None else "faiss cpu"
+        for name, excl in (("masked", exclude), ("unmasked", None)):
+            scores, ids = search(
+                index,
+                user_emb,
+                k_fetch,
+                cfg.eval.batch_size,
+                exclude=excl,
+                show_progress=show_progress,
+            )
+            metrics[name] = compute_metrics(ids, targets, ks, scores=scores)
+    full_protocol = base_protocol(cfg, n_users, n_items, index=index_info, **(protocol or {}))
+    return _finish(_ordered(metrics, full_protocol), full_protocol, print_table)
+
+
+def evaluate_scores(
+    scores: np.ndarray | torch.Tensor,
+    examples: Any,
+    cfg: Config,
+    protocol: dict[str, Any] | None = None,
+    print_table: bool = True,
+) -> dict[str, Any]:
+    """Like `evaluate_embeddings` for a dense (U, N) score matrix over the full catalog.
+
+    For scorers that are not an inner product (popularity counts, a cross-encoder). Same masking,
+    tie rule, output and table; `protocol["index"]` says "dense scores".
+    """
+    scores = torch.as_tensor(scores).float()
+    n_users, n_items = scores.shape
+    targets, seen = _check_examples(examples, n_users, n_items)
+    ks = sorted(set(cfg.eval.ks))
+    metrics = {}
+    for name, excl in (("masked", seen), ("unmasked", None)):
+        top_scores, top_ids = rank_with_mask(scores, max(ks) + 1, seen=excl, targets=targets)
+        metrics[name] = compute_metrics(top_ids, targets, ks, scores=top_scores)
+    full_protocol = base_protocol(
+        cfg, n_users, n_items, index={"kind": "dense scores"}, **(protocol or {})
+    )
+    return _finish(_ordered(metrics, full_protocol), full_protocol, print_table)
+
+
+def _ordered(metrics: dict[str, dict[str, float]], protocol: dict[str, Any]) -> dict:
+    """The primary setting (eval.mask_history) first, so tables and JSON lead with it."""
+    primary = protocol["primary"]
+    return {primary: metrics[primary], **{k: v for k, v in metrics.items() if k != primary}}
+
+
+def format_metrics_table(
+    results: dict[str, dict[str, float]], protocol: dict[str, Any] | None = None
+) -> str:
+    """A plain-text table: protocol header lines, then one row per metric, one column per setting.
+
+    results: {column name: {metric key: value}}, e.g. {"masked": {...}, "unmasked": {...}} or
+    {"popularity": {...}, "karma": {...}}; the full `evaluate_*` output is accepted too.
+    """
+    if "metrics" in results and "protocol" in results:
+        protocol = protocol or results["protocol"]
+        results = results["metrics"]
+    lines = []
+    if protocol:
+        order = [
+            "checkpoint",
+            "method",
+            "split",
+            "users",
+            "catalog_size",
+            "ranking",
+            "query_mode",
+            "masking",
+            "primary",
+            "tie_break",
+            "index",
+            "seed",
+            "data_seed",
+        ]
+        keys = [k for k in order if k in protocol] + [
+            k for k in protocol if k not in order and k != "ks"
+        ]
+        lines.append("protocol")
+        for key in keys:
+            value = protocol[key]
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            lines.append(f"  {key:<15} {value}")
+    columns = list(results)
+    metric_keys = list(dict.fromkeys(k for col in columns for k in results[col]))
+
+    # group by metric family (hr, ndcg, mrr), each by increasing K
+    def sort_key(key: str) -> tuple[int, int]:
+        name, _, k = key.partition("@")
+        family = {"hr": 0, "recall": 1, "ndcg": 2, "mrr": 3}.get(name, 4)
+        return family, int(k) if k.isdigit() else 0
+
+    metric_keys.sort(key=sort_key)
+    width = max([len(c) for c in columns] + [8])
+    lines.append(f"{'metric':<10}" + "".join(f"  {c:>{width}}" for c in columns))
+    for key in metric_keys:
+        cells = "".join(
+            f"  {results[c][key]:>{width}.4f}" if key in results[c] else f"  {'-':>{width}}"
+            for c in columns
+        )
+        lines.append(f"{key:<10}{cells}")
+    return "\n".join(lines)
+
+
+def _load_for_eval(checkpoint: str | Path, overrides: Sequence[str] | None):
+    """(model, cfg, prepared data, examples of cfg.eval.split) for a checkpoint."""
+    from karma.checkpoint import load_model
+    from karma.data import load_prepared
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg = load_model(checkpoint, device=device)
+    cfg = _eval_overrides(cfg, overrides)
+    data = load_prepared(cfg.data.prepared_dir)
+    if cfg.eval.split not in ("train", "valid", "test"):
+        raise KarmaError(f"eval.split: expected train, valid or test, got '{cfg.eval.split}'")
+    examples = data.split(cfg.eval.split)
+    return model, cfg, data, examples
+
+
+def _encode(model: Any, data: Any, examples: Any, batch_size: int) -> tuple[Any, np.ndarray]:
+    with torch.no_grad():
+        catalog = model.encode_catalog(data.items.texts, batch_size=batch_size)
+        user_emb = model.encode_users(
+            examples.histories, examples.queries, catalog, data.items.texts, batch_size=batch_size
+        )
+    return catalog, np.asarray(torch.as_tensor(user_emb).float().cpu(), dtype=np.float32)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    overrides: Sequence[str] | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Encode the catalog and the users of `eval.split`, rank the full catalog, write metrics.json.
+
+    overrides: `eval.*` / `data.*` dotted overrides (e.g. `eval.split=valid`,
+    `data.prepared_dir=runs/data/ml-100k-noquery`). out_dir defaults to the checkpoint directory.
+    """
+    checkpoint = Path(checkpoint)
+    model, cfg, data, examples = _load_for_eval(checkpoint, overrides)
+    examples = select_users(examples, cfg.eval.max_users)
+    catalog, user_emb = _encode(model, data, examples, cfg.eval.batch_size)
+    protocol = {
+        "checkpoint": str(checkpoint),
+        "interface": cfg.model.interface,
+        "loss_preset": cfg.loss.preset,
+        "prepared_dir": cfg.data.prepared_dir,
+        "query_mode": data.stats.get("query_mode", cfg.data.query_mode),
+        "split_protocol": data.stats.get("protocol", ""),
+    }
+    n_split = len(data.split(cfg.eval.split))
+    if len(examples) < n_split:
+        protocol["users_note"] = f"seeded sample (eval.max_users) of {n_split} users"
+    results = evaluate_embeddings(user_emb, np.asarray(catalog.item_emb), examples, cfg, protocol)
+    results["config"] = {"eval": config_to_dict(cfg)["eval"], "data": config_to_dict(cfg)["data"]}
+    out = Path(out_dir) if out_dir is not None else checkpoint
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / "metrics.json")
+    print(f"metrics written to {out / 'metrics.json'}")
+    return results
+
+
+def export_embeddings(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    fmt: str = "parquet",
+    overrides: Sequence[str] | None = None,
+) -> Path:
+    """Write item embeddings (with the item_id map), user embeddings of `eval.split` (with the
+    user_id map) and the saved `eval.index` index into `out_dir`.
+
+    parquet: `items.parquet` (item_idx, item_id, embedding), `users.parquet` (user_id, embedding).
+    npy: `item_emb.npy` + `item_ids.json`, `user_emb.npy` + `user_ids.json`. Both: `index/`
+    (karma.index.save_index) and `export.json` (checkpoint, split, counts, dim).
+    """
+    from karma.index import save_index
+
+    if fmt not in ("parquet", "npy"):
+        raise KarmaError(f"export format must be parquet or npy, got '{fmt}'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, cfg, data, examples = _load_for_eval(checkpoint, overrides)
+    catalog, user_emb = _encode(model, data, examples, cfg.eval.batch_size)
+    item_emb = np.asarray(catalog.item_emb, dtype=np.float32)  # (N, k)
+    item_ids = [str(i) for i in data.items.item_ids]
+    user_ids = [str(u) for u in examples.user_ids]
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        def emb_column(emb: np.ndarray) -> pa.Array:
+            return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+
+        items = pa.table(
+            {
+                "item_idx": pa.array(np.arange(len(item_ids), dtype=np.int32)),
+                "item_id": pa.array(item_ids, pa.string()),
+                "embedding": emb_column(item_emb),
+            }
+        )
+        users = pa.table(
+            {"user_id": pa.array(user_ids, pa.string()), "embedding": emb_column(user_emb)}
+        )
+        pq.write_table(items, out / "items.parquet")
+        pq.write_table(users, out / "users.parquet")
+    else:
+        np.save(out / "item_emb.npy", item_emb)
+        np.save(out / "user_emb.npy", user_emb)
+        (out / "item_ids.json").write_text(json.dumps(item_ids))
+        (out / "user_ids.json").write_text(json.dumps(user_ids))
+    index = build_index(
+        item_emb,
+        cfg.eval.index,
+        item_ids=item_ids,
+        normalize=False,
+        hnsw_m=cfg.eval.hnsw_m,
+        ef_search=cfg.eval.hnsw_ef_search,
+        ef_construction=cfg.eval.hnsw_ef_construction,
+        nlist=cfg.eval.ivf_nlist,
+        nprobe=cfg.eval.ivf_nprobe,
+        use_gpu=False,
+        seed=cfg.data.seed,
+    )
+    save_index(index, out / "index")
+    meta = {
+        "checkpoint": str(checkpoint),
+        "split": cfg.eval.split,
+        "format": fmt,
+        "n_items": len(item_ids),
+        "n_users": len(user_ids),
+        "dim": int(item_emb.shape[1]),
+        "prepared_dir": cfg.data.prepared_dir,
+    }
+    (out / "export.json").write_text(json.dumps(meta, indent=2))
+    print(f"exported {len(item_ids)} item and {len(user_ids)} user embeddings to {out}")
+    return out
