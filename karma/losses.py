@@ -1,0 +1,138 @@
+"""The three KARMA losses as small modules over embeddings and hidden states, plus the presets.
+
+    act = ActionLoss(temperature=0.05, rank=dist_info.rank, world_size=dist_info.world_size)
+    out = act(user_emb, item_emb, positive_index, item_ids)   # {"act_loss", "temperature"}
+    gen_loss = TokenCrossEntropy()(hidden_states, labels, lm_head)
+    lambda_gen, lambda_rec, lambda_img = loss_weights(cfg.loss)
+
+Total: L = act_loss + lambda_gen * gen_loss + lambda_rec * rec_loss (+ lambda_img * img_loss).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from karma.config import ConfigError, LossConfig
+from karma.distributed import gather_no_grad, gather_sizes, gather_with_grad
+
+PRESETS = ("action_only", "gen", "rec", "karma", "karma_mm")
+
+
+def loss_weights(cfg: LossConfig) -> tuple[float, float, float]:
+    """(lambda_gen, lambda_rec, lambda_img) of a preset; the lambdas come from `cfg`.
+
+    action_only: (0, 0, 0)   gen: (lambda_gen, 0, 0)   rec: (0, lambda_rec, 0)
+    karma: (lambda_gen, lambda_rec, 0)   karma_mm: (lambda_gen, lambda_rec, lambda_img)
+    """
+    presets = {
+        "action_only": (0.0, 0.0, 0.0),
+        "gen": (cfg.lambda_gen, 0.0, 0.0),
+        "rec": (0.0, cfg.lambda_rec, 0.0),
+        "karma": (cfg.lambda_gen, cfg.lambda_rec, 0.0),
+        "karma_mm": (cfg.lambda_gen, cfg.lambda_rec, cfg.lambda_img),
+    }
+    if cfg.preset not in presets:
+        raise ConfigError(
+            f"config key 'loss.preset': unknown preset {cfg.preset!r} (known: {', '.join(PRESETS)})"
+        )
+    return presets[cfg.preset]
+
+
+class ActionLoss(nn.Module):
+    """InfoNCE over the batch's candidate items, with a learnable clamped temperature.
+
+    For user b with positive candidate p_b:
+
+        act_loss = mean_b  -log  exp(u_b . e_{p_b} / tau) / sum_{c not masked} exp(u_b . e_c / tau)
+
+    Candidates c are every item embedded in the batch on every rank (in-batch targets of other
+    users, hard negatives, sampled negatives). Candidates whose item id equals the positive's id,
+    other than the positive itself, are masked: they are false negatives (two users of the batch
+    clicked the same item). tau = exp(log_tau) clamped to [temperature_min, temperature_max].
+
+    Inputs: user_emb (B, k) and item_emb (C, k), both L2-normalized; positive_index (B,) in
+    [0, C) into this rank's candidates; item_ids (C,) global item indices. Under DDP (world_size >
+    1) the candidates of all ranks are gathered with gradient and positive_index is offset by the
+    number of candidates on lower ranks.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        temperature_min: float = 0.01,
+        temperature_max: float = 1.0,
+        learn_temperature: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if not 0 < temperature_min <= temperature <= temperature_max:
+            raise ConfigError(
+                "config keys 'loss.temperature*': need 0 < temperature_min <= "
+                f"temperature <= temperature_max, got {temperature_min}, "
+                f"{temperature}, {temperature_max}"
+            )
+        log_tau = torch.tensor(math.log(temperature))
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(log_tau)
+        else:
+            self.register_buffer("log_temperature", log_tau)
+        self.log_min = math.log(temperature_min)
+        self.log_max = math.log(temperature_max)
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.clamp(self.log_min, self.log_max).exp()
+
+    def forward(
+        self,
+        user_emb: torch.Tensor,
+        item_emb: torch.Tensor,
+        positive_index: torch.Tensor,
+        item_ids: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        offset = 0
+        if self.world_size > 1:
+            sizes = gather_sizes(item_emb.shape[0], item_emb.device)
+            offset = sum(sizes[: self.rank])
+            item_emb = gather_with_grad(item_emb, sizes)  # (C_all, k)
+            item_ids = gather_no_grad(item_ids, sizes)  # (C_all,)
+        labels = positive_index + offset  # (B,)
+        temperature = self.temperature
+        # Logits in float32 even under bf16 autocast: scores are divided by tau ~ 0.05.
+        with torch.autocast(device_type=user_emb.device.type, enabled=False):
+            logits = user_emb.float() @ item_emb.float().T / temperature.float()  # (B, C_all)
+        positive_ids = item_ids[labels]  # (B,)
+        false_negative = item_ids[None, :] == positive_ids[:, None]  # (B, C_all)
+        false_negative[torch.arange(labels.shape[0], device=labels.device), labels] = False
+        logits = logits.masked_fill(false_negative, float("-inf"))
+        act_loss = F.cross_entropy(logits, labels)
+        return {"act_loss": act_loss, "temperature": temperature.detach()}
+
+
+class TokenCrossEntropy(nn.Module):
+    """Next-token cross-entropy, mean over target tokens, computed only where labels are set.
+
+        loss = mean_{(b, t): labels[b, t+1] != -100}  -log softmax(lm_head(h[b, t]))[labels[b, t+1]]
+
+    Inputs: hidden_states (B, T, d) (the decoder's last hidden states), labels (B, T) aligned
+    with the inputs as in Hugging Face (-100 = ignored; the shift happens here) and the LM head.
+    Projecting only the labelled positions avoids materializing (B, T, vocab) logits.
+    """
+
+    def forward(
+        self, hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module
+    ) -> torch.Tensor:
+        shift_labels = labels[:, 1:]  # (B, T-1)
+        keep = shift_labels != -100
+        if not bool(keep.any()):
+            return hidden_states.sum() * 0.0
+        hidden = hidden_states[:, :-1][keep]  # (N, d)
+        logits = lm_head(hidden).float()  # (N, vocab)
+        return F.cross_entropy(logits, shift_labels[keep])
