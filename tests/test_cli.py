@@ -35,3 +35,14 @@ def test_unknown_subcommand_is_argparse_error():
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2
+
+
+def test_overrides_may_follow_options(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("karma.cli._cmd_baseline", lambda args: seen.update(vars(args)) or 0)
+    parser_args = ["baseline", "popularity", "train.seed=1", "--config", "c.yaml", "eval.ks=[10]",
+                   "--out", "d", "data.seed=2"]
+    assert main(parser_args) == 0
+    assert seen["overrides"] == ["train.seed=1", "eval.ks=[10]", "data.seed=2"]
+    with pytest.raises(SystemExit):
+        main(["baseline", "popularity", "--bogus"])
