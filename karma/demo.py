@@ -1,0 +1,231 @@
+"""The main job (`make demo`, `karma demo`): does KARMA's Knowledge regularization help on ML-100K?
+
+    karma demo                                  # CPU recipe, or the full recipe on a CUDA GPU
+    karma demo --out runs/demo2 train.steps=50  # any config override applies on top of the recipe
+
+Stages: (1) convert the pretrained backbone (SmolLM2-135M) once, (2) prepare ML-100K in each
+evaluated query setting, (3) popularity baseline, (4) train `action_only` and (5) `karma` with the
+same seed, steps and examples, (6) full-catalog evaluation of both, (7) `report.md` with the
+protocol, the table, wall times and training curves (PNG). The recipe (steps, batch, history,
+what is trained) is chosen by the device; docs/decisions.md gives the measurements behind it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from karma.config import Config, load_config
+
+# Measured on the 2-core CPU (docs/decisions.md, "CPU demo recipe"): the whole demo must fit in
+# 20 minutes there, so the backbone trains through LoRA with a short history and few steps.
+CPU_RECIPE = [
+    "model.backbone=smollm2-135m",
+    "model.lora=true",
+    "model.history_source=cache",
+    "model.cache_refresh_steps=50",
+    "data.max_history=10",
+    "train.steps=100",
+    "train.batch_size=16",
+    "train.lr=5e-4",
+    "train.head_lr=2e-3",
+    "train.warmup_steps=10",
+    "train.eval_every=100",
+    "train.save_every=50",
+    "train.eval_users=200",
+    "train.log_every=5",
+    "train.device=cpu",
+    "train.num_threads=2",
+]
+# On a CUDA GPU the same command trains the full model on full histories for many more steps.
+GPU_RECIPE = [
+    "model.backbone=smollm2-135m",
+    "model.lora=false",
+    "data.max_history=20",
+    "train.steps=3000",
+    "train.batch_size=128",
+    "train.warmup_steps=100",
+    "train.eval_every=500",
+    "train.save_every=500",
+    "train.log_every=20",
+    "train.device=cuda",
+]
+PRESETS = ("action_only", "karma")
+REPORT_METRICS = ("hr@10", "hr@50", "hr@200", "ndcg@10", "mrr@10")
+# Query settings evaluated: the model trains in the first one, and is also scored in the others.
+QUERY_MODES = ("genre", "none")
+
+
+def _stage(n: int, total: int, name: str) -> float:
+    print(f"\n=== [{n}/{total}] {name}", flush=True)
+    return time.time()
+
+
+def demo_config(config_path: str | None, overrides: list[str], cuda: bool) -> Config:
+    """The recipe for this device, then the user's config file, then the user's overrides."""
+    recipe = GPU_RECIPE if cuda else CPU_RECIPE
+    return load_config(config_path, list(overrides), base=load_config(None, recipe))
+
+
+def run_demo(config_path: str | None, overrides: list[str], out_dir: str = "runs/demo") -> Path:
+    import torch
+
+    from karma.backbones import ensure_backbone
+    from karma.baselines import run_baseline
+    from karma.data import prepare_dataset
+    from karma.evaluate import evaluate_checkpoint
+    from karma.train import train
+
+    out = Path(out_dir)
+    cuda = torch.cuda.is_available()
+    cfg = demo_config(config_path, overrides, cuda)
+    train_mode = cfg.data.query_mode if cfg.data.query_mode in QUERY_MODES else QUERY_MODES[0]
+    modes = [train_mode] + [m for m in QUERY_MODES if m != train_mode]
+    total = 7
+    walls: dict[str, float] = {}
+    t_all = time.time()
+
+    t = _stage(1, total, f"backbone {cfg.model.backbone}")
+    if Path(cfg.model.backbone).is_dir() or cfg.model.backbone == "tiny-random":
+        print(f"backbone {cfg.model.backbone} needs no conversion")
+    else:
+        print(f"converted backbone at {ensure_backbone(cfg.model.backbone)}")
+    walls["backbone"] = time.time() - t
+
+    t = _stage(2, total, f"data: ML-100K, query settings {', '.join(modes)}")
+    mode_cfgs = {}
+    for mode in modes:
+        mode_cfg = copy.deepcopy(cfg)
+        mode_cfg.data.query_mode = mode
+        mode_cfg.data.prepared_dir = str(out / "data" / f"ml-100k-{mode}")
+        prepare_dataset(mode_cfg)
+        mode_cfgs[mode] = mode_cfg
+    walls["data"] = time.time() - t
+
+    t = _stage(3, total, "popularity baseline")
+    results: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        results[f"popularity/{mode}"] = run_baseline(
+            "popularity", mode_cfgs[mode], out_dir=str(out / "popularity" / mode)
+        )
+    walls["popularity"] = time.time() - t
+
+    runs = {}
+    for i, preset in enumerate(PRESETS):
+        t = _stage(4 + i, total, f"train {preset} ({cfg.train.steps} steps, batch "
+                   f"{cfg.train.batch_size}, {'GPU' if cuda else 'CPU'} recipe)")
+        run_cfg = copy.deepcopy(mode_cfgs[train_mode])
+        run_cfg.loss.preset = preset
+        run_cfg.train.output_dir = str(out / preset)
+        # a finished run is reused, an interrupted one resumes from checkpoints/last
+        done = (out / preset / "train_summary.json").exists()
+        runs[preset] = out / preset if done else train(
+            run_cfg, resume=(out / preset / "checkpoints" / "last").exists())
+        walls[f"train {preset}"] = time.time() - t
+
+    t = _stage(6, total, "full-catalog evaluation")
+    for preset, run_dir in runs.items():
+        for mode in modes:
+            results[f"{preset}/{mode}"] = evaluate_checkpoint(
+                run_dir / "checkpoints" / "best",
+                overrides=[f"data.prepared_dir={mode_cfgs[mode].data.prepared_dir}",
+                           f"data.query_mode={mode}"],
+                out_dir=out / preset / f"eval-{mode}",
+            )
+    walls["evaluation"] = time.time() - t
+
+    t = _stage(7, total, "report")
+    walls["total"] = time.time() - t_all
+    report = write_report(out, cfg, results, runs, walls, modes, cuda)
+    print(report.read_text())
+    return out
+
+
+def _device_name(cuda: bool) -> str:
+    import platform
+
+    import torch
+
+    if cuda:
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} cores (CPU)"
+
+
+def plot_curves(runs: dict[str, Path], path: Path) -> None:
+    """Training loss parts and validation HR@10 per step, one line per preset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = ("loss", "act_loss", "gen_loss", "rec_loss")
+    fig, axes = plt.subplots(1, len(parts) + 1, figsize=(4 * (len(parts) + 1), 3.2))
+    for preset, run_dir in runs.items():
+        rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
+                if line.strip()]
+        for ax, part in zip(axes, parts):
+            pts = [(r["step"], r[part]) for r in rows if part in r]
+            if pts:
+                ax.plot(*zip(*pts), label=preset)
+            ax.set_title(part)
+        val = [(r["step"], r["val/hr@10"]) for r in rows if "val/hr@10" in r]
+        if val:
+            axes[-1].plot(*zip(*val), marker="o", label=preset)
+        axes[-1].set_title("validation HR@10")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, cfg: Config, results: dict[str, dict[str, Any]], runs: dict[str, Path],
+                 walls: dict[str, float], modes: list[str], cuda: bool) -> Path:
+    from karma.evaluate import format_metrics_table
+
+    plot_curves(runs, out / "training_curves.png")
+    primary = "masked" if cfg.eval.mask_history else "unmasked"
+    lines = ["# karma demo: action_only vs karma on ML-100K", ""]
+    lines.append(f"Machine: {_device_name(cuda)}. Backbone: {cfg.model.backbone} "
+                 f"({'LoRA' if cfg.model.lora else 'full fine-tuning'}, "
+                 f"interface {cfg.model.interface}, history {cfg.data.max_history}). "
+                 f"Training: {cfg.train.steps} steps x batch {cfg.train.batch_size}, seed "
+                 f"{cfg.train.seed}, query setting '{cfg.data.query_mode}' for training.")
+    lines.append("")
+    for mode in modes:
+        columns = {name.split("/")[0]: res["metrics"][primary] for name, res in results.items()
+                   if name.endswith(f"/{mode}")}
+        protocol = dict(results[f"{PRESETS[-1]}/{mode}"]["protocol"])
+        for key in ("checkpoint", "loss_preset", "prepared_dir"):
+            protocol.pop(key, None)
+        columns = {name: {k: v for k, v in metrics.items() if k in REPORT_METRICS}
+                   for name, metrics in columns.items()}
+        lines += [f"## Query setting: {mode}", "", "```",
+                  format_metrics_table(columns, protocol), "```", ""]
+    lines += ["## Wall time", "", "| stage | seconds |", "| --- | --- |"]
+    lines += [f"| {name} | {sec:.0f} |" for name, sec in walls.items()]
+    lines += ["", "| training run | steps | examples seen | training wall s | best val HR@10 |",
+              "| --- | --- | --- | --- | --- |"]
+    for preset, run_dir in runs.items():
+        summary = json.loads((run_dir / "train_summary.json").read_text())
+        best = (summary.get("best_val") or {}).get("hr@10", float("nan"))
+        lines.append(f"| {preset} | {summary['steps']} | {summary['examples_seen']} | "
+                     f"{summary['wall_time_s']:.0f} | {best:.4f} |")
+    lines += ["", "![training curves](training_curves.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
