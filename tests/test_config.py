@@ -91,3 +91,10 @@ def test_base_config_then_file_then_overrides(tmp_path):
     cfg = load_config(path, ["train.batch_size=3"], base=base)
     assert (cfg.train.steps, cfg.train.lr, cfg.train.batch_size) == (5, 0.25, 3)
     assert base.train.batch_size == Config().train.batch_size  # base is copied, not mutated
+
+
+def test_exponent_without_dot_is_a_float():
+    cfg = apply_overrides(Config(), ["train.lr=5e-4"])
+    assert cfg.train.lr == pytest.approx(5e-4)
+    with pytest.raises(ConfigError, match="train.lr"):
+        apply_overrides(Config(), ["train.lr=fast"])
