@@ -1,0 +1,39 @@
+"""Shared pytest fixtures: a tiny random backbone and an isolated `$KARMA_HOME`.
+
+def test_something(tiny_backbone):
+    model, tokenizer = tiny_backbone      # fresh 2-layer Llama + 1000-token BPE, seeded
+
+def test_cache(tmp_karma_home):           # KARMA_HOME points at a fresh tmp dir
+    ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def tmp_karma_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point `$KARMA_HOME` at an empty temporary directory for the test."""
+    home = tmp_path / "karma_home"
+    home.mkdir()
+    monkeypatch.setenv("KARMA_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def tiny_backbone():
+    """A fresh (model, tokenizer) pair from `load_backbone("tiny-random")` (fast, seeded)."""
+    from karma.backbones import load_backbone
+
+    return load_backbone("tiny-random")
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """The tiny-random tokenizer alone (byte-level BPE, vocab 1000, SmolLM2 special tokens)."""
+    from karma.backbones import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
