@@ -37,3 +37,15 @@ def tiny_tokenizer():
     from karma.backbones import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.gpu` tests skip cleanly on machines without CUDA (CI, laptops)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
