@@ -2,9 +2,10 @@
 
     karma demo                                  # CPU recipe, or the full recipe on a CUDA GPU
     karma demo --out runs/demo2 train.steps=50  # any config override applies on top of the recipe
+    karma demo --out runs/demo-noquery data.query_mode=none    # the next-item (no-query) setting
 
-Stages: (1) convert the pretrained backbone (SmolLM2-135M) once, (2) prepare ML-100K in each
-evaluated query setting, (3) popularity baseline, (4) train `action_only` and (5) `karma` with the
+Stages: (1) convert the pretrained backbone (SmolLM2-135M) once, (2) prepare ML-100K in the
+configured query setting (default: the search setting, genre queries), (3) popularity baseline, (4) train `action_only` and (5) `karma` with the
 same seed, steps and examples, (6) full-catalog evaluation of both, (7) `report.md` with the
 protocol, the table, wall times and training curves (PNG). The recipe (steps, batch, history,
 what is trained) is chosen by the device; docs/decisions.md gives the measurements behind it.
@@ -28,6 +29,7 @@ CPU_RECIPE = [
     "model.history_source=cache",
     "model.cache_refresh_steps=50",
     "data.max_history=10",
+    "data.query_mode=genre",
     "train.steps=100",
     "train.batch_size=16",
     "train.lr=5e-4",
@@ -45,6 +47,7 @@ GPU_RECIPE = [
     "model.backbone=smollm2-135m",
     "model.lora=false",
     "data.max_history=20",
+    "data.query_mode=genre",
     "train.steps=3000",
     "train.batch_size=128",
     "train.warmup_steps=100",
@@ -55,8 +58,6 @@ GPU_RECIPE = [
 ]
 PRESETS = ("action_only", "karma")
 REPORT_METRICS = ("hr@10", "hr@50", "hr@200", "ndcg@10", "mrr@10")
-# Query settings evaluated: the model trains in the first one, and is also scored in the others.
-QUERY_MODES = ("genre", "none")
 
 
 def _stage(n: int, total: int, name: str) -> float:
@@ -82,8 +83,7 @@ def run_demo(config_path: str | None, overrides: list[str], out_dir: str = "runs
     out = Path(out_dir)
     cuda = torch.cuda.is_available()
     cfg = demo_config(config_path, overrides, cuda)
-    train_mode = cfg.data.query_mode if cfg.data.query_mode in QUERY_MODES else QUERY_MODES[0]
-    modes = [train_mode] + [m for m in QUERY_MODES if m != train_mode]
+    cfg.data.prepared_dir = str(out / "data" / f"ml-100k-{cfg.data.query_mode}")
     total = 7
     walls: dict[str, float] = {}
     t_all = time.time()
@@ -95,29 +95,19 @@ def run_demo(config_path: str | None, overrides: list[str], out_dir: str = "runs
         print(f"converted backbone at {ensure_backbone(cfg.model.backbone)}")
     walls["backbone"] = time.time() - t
 
-    t = _stage(2, total, f"data: ML-100K, query settings {', '.join(modes)}")
-    mode_cfgs = {}
-    for mode in modes:
-        mode_cfg = copy.deepcopy(cfg)
-        mode_cfg.data.query_mode = mode
-        mode_cfg.data.prepared_dir = str(out / "data" / f"ml-100k-{mode}")
-        prepare_dataset(mode_cfg)
-        mode_cfgs[mode] = mode_cfg
+    t = _stage(2, total, f"data: ML-100K, query setting '{cfg.data.query_mode}'")
+    prepare_dataset(cfg)
     walls["data"] = time.time() - t
 
     t = _stage(3, total, "popularity baseline")
-    results: dict[str, dict[str, Any]] = {}
-    for mode in modes:
-        results[f"popularity/{mode}"] = run_baseline(
-            "popularity", mode_cfgs[mode], out_dir=str(out / "popularity" / mode)
-        )
+    results = {"popularity": run_baseline("popularity", cfg, out_dir=str(out / "popularity"))}
     walls["popularity"] = time.time() - t
 
     runs = {}
     for i, preset in enumerate(PRESETS):
         t = _stage(4 + i, total, f"train {preset} ({cfg.train.steps} steps, batch "
                    f"{cfg.train.batch_size}, {'GPU' if cuda else 'CPU'} recipe)")
-        run_cfg = copy.deepcopy(mode_cfgs[train_mode])
+        run_cfg = copy.deepcopy(cfg)
         run_cfg.loss.preset = preset
         run_cfg.train.output_dir = str(out / preset)
         # a finished run is reused, an interrupted one resumes from checkpoints/last
@@ -128,18 +118,13 @@ def run_demo(config_path: str | None, overrides: list[str], out_dir: str = "runs
 
     t = _stage(6, total, "full-catalog evaluation")
     for preset, run_dir in runs.items():
-        for mode in modes:
-            results[f"{preset}/{mode}"] = evaluate_checkpoint(
-                run_dir / "checkpoints" / "best",
-                overrides=[f"data.prepared_dir={mode_cfgs[mode].data.prepared_dir}",
-                           f"data.query_mode={mode}"],
-                out_dir=out / preset / f"eval-{mode}",
-            )
+        results[preset] = evaluate_checkpoint(run_dir / "checkpoints" / "best",
+                                              out_dir=out / preset / "eval")
     walls["evaluation"] = time.time() - t
 
     t = _stage(7, total, "report")
     walls["total"] = time.time() - t_all
-    report = write_report(out, cfg, results, runs, walls, modes, cuda)
+    report = write_report(out, cfg, results, runs, walls, cuda)
     print(report.read_text())
     return out
 
@@ -194,28 +179,24 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
 
 
 def write_report(out: Path, cfg: Config, results: dict[str, dict[str, Any]], runs: dict[str, Path],
-                 walls: dict[str, float], modes: list[str], cuda: bool) -> Path:
+                 walls: dict[str, float], cuda: bool) -> Path:
     from karma.evaluate import format_metrics_table
 
     plot_curves(runs, out / "training_curves.png")
     primary = "masked" if cfg.eval.mask_history else "unmasked"
+    columns = {name: {k: v for k, v in res["metrics"][primary].items() if k in REPORT_METRICS}
+               for name, res in results.items()}
+    protocol = dict(results[PRESETS[-1]]["protocol"])
+    for key in ("checkpoint", "loss_preset", "prepared_dir"):
+        protocol.pop(key, None)
     lines = ["# karma demo: action_only vs karma on ML-100K", ""]
     lines.append(f"Machine: {_device_name(cuda)}. Backbone: {cfg.model.backbone} "
                  f"({'LoRA' if cfg.model.lora else 'full fine-tuning'}, "
-                 f"interface {cfg.model.interface}, history {cfg.data.max_history}). "
-                 f"Training: {cfg.train.steps} steps x batch {cfg.train.batch_size}, seed "
-                 f"{cfg.train.seed}, query setting '{cfg.data.query_mode}' for training.")
-    lines.append("")
-    for mode in modes:
-        columns = {name.split("/")[0]: res["metrics"][primary] for name, res in results.items()
-                   if name.endswith(f"/{mode}")}
-        protocol = dict(results[f"{PRESETS[-1]}/{mode}"]["protocol"])
-        for key in ("checkpoint", "loss_preset", "prepared_dir"):
-            protocol.pop(key, None)
-        columns = {name: {k: v for k, v in metrics.items() if k in REPORT_METRICS}
-                   for name, metrics in columns.items()}
-        lines += [f"## Query setting: {mode}", "", "```",
-                  format_metrics_table(columns, protocol), "```", ""]
+                 f"interface {cfg.model.interface}, history {cfg.data.max_history}, "
+                 f"{cfg.model.history_source} history vectors). Training: {cfg.train.steps} steps "
+                 f"x batch {cfg.train.batch_size}, seed {cfg.train.seed}, query setting "
+                 f"'{cfg.data.query_mode}'.")
+    lines += ["", "```", format_metrics_table(columns, protocol), "```", ""]
     lines += ["## Wall time", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {sec:.0f} |" for name, sec in walls.items()]
     lines += ["", "| training run | steps | examples seen | training wall s | best val HR@10 |",
