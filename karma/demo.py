@@ -5,9 +5,10 @@
     karma demo --out runs/demo-noquery data.query_mode=none    # the next-item (no-query) setting
 
 Stages: (1) convert the pretrained backbone (SmolLM2-135M) once, (2) prepare ML-100K in the
-configured query setting (default: the search setting, genre queries), (3) popularity baseline, (4) train `action_only` and (5) `karma` with the
-same seed, steps and examples, (6) full-catalog evaluation of both, (7) `report.md` with the
-protocol, the table, wall times and training curves (PNG). The recipe (steps, batch, history,
+configured query setting (default: the search setting, genre queries), (3) popularity baseline,
+(4) train `action_only` and (5) `karma` with the same seed, steps and examples, (6) full-catalog
+evaluation of both, (7) `report.md` with the protocol, the table, wall times and training curves
+(PNG). The recipe (steps, batch, history,
 what is trained) is chosen by the device; docs/decisions.md gives the measurements behind it.
 """
 
@@ -163,7 +164,7 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
                 if line.strip()]
         for ax, part in zip(axes, parts):
             pts = [(r["step"], r[part]) for r in rows if part in r]
-            if pts:
+            if any(v for _, v in pts):  # a preset without this part logs zeros: leave it out
                 ax.plot(*zip(*pts), label=preset)
             ax.set_title(part)
         val = [(r["step"], r["val/hr@10"]) for r in rows if "val/hr@10" in r]

@@ -341,6 +341,13 @@ def _train(cfg: Config, resume: bool, dist: Any) -> Path:
         )
         forward = ddp_model
 
+    monitor = None
+    if tc.monitor_every > 0 and dist.is_main:
+        from karma.analysis import SinkMonitor
+
+        # rank 0 only: no collectives, no random draws, so DDP ranks and resume stay in step
+        monitor = SinkMonitor.from_config(cfg, data, is_main=True)
+
     params = [p for p in model.parameters() if p.requires_grad]
     clip = tc.clip_norm if tc.clip_norm > 0 else float("inf")
     val_rows = _validation_users(len(data.split("valid")), tc.eval_users, tc.seed)
@@ -470,6 +477,12 @@ def _train(cfg: Config, resume: bool, dist: Any) -> Path:
                     f"ndcg@10 {metrics['ndcg@10']:.4f} (best {best['hr@10']:.4f} @ {best['step']})"
                 )
             distributed.barrier()
+        if monitor is not None:
+            with _autocast(device, tc.bf16):
+                probed = monitor(model, step)
+            if probed:
+                record.setdefault("step", step)
+                record.update(probed)
         if record and dist.is_main:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -321,3 +321,18 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         run = train(tiny_config(Path(tmp), "loss.preset=karma"))
         print("GOLDEN_LOSSES =", [round(r["loss"], 6) for r in read_log(run)], file=sys.stdout)
+
+
+def test_monitor_logs_sink_rate_and_fidelity(tmp_path):
+    """train.monitor_every > 0: the probe's attention and fidelity figures land in log.jsonl."""
+    from karma.train import train
+
+    cfg = tiny_config(tmp_path, "train.steps=4", "train.monitor_every=2")
+    run_dir = train(cfg)
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    probed = [r for r in rows if "monitor/sink_rate_first_emb" in r]
+    assert [r["step"] for r in probed] == [2, 4]
+    for r in probed:
+        assert 0.0 <= r["monitor/sink_rate_first_emb"] <= 1.0
+        assert 0.0 <= r["monitor/fidelity_token_f1"] <= 1.0
+        assert r["monitor/sink_warning"] in (0.0, 1.0)
