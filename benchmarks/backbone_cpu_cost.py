@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 from karma.backbones import load_backbone
+from karma.report import cpu_name
 
 MODES = ("full", "freeze24", "lora16")
 SHAPES = {"item": (64, 21), "user": (16, 45), "user+gen": (16, 65), "rec": (16, 22)}
@@ -168,14 +168,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append the markdown tables to this file")
     args = parser.parse_args()
 
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in open("/proc/cpuinfo")
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_name()
     lines = [
         f"## {args.backbone}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from karma.index import build_index, search, torch_topk_search
+from karma.report import cpu_name
 
 
 def random_unit(n: int, dim: int, seed: int) -> np.ndarray:
@@ -41,14 +41,7 @@ def random_unit(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_name()
     import faiss
 
     return (

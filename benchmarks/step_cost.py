@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,20 +38,11 @@ from karma.batching import BatchBuilder
 from karma.config import Config, load_config
 from karma.data import load_prepared, prepare_dataset
 from karma.model import build_model
+from karma.report import cpu_name
 from karma.train import build_optimizer
 
 PRESETS = ("action_only", "gen", "rec", "karma")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_avg() -> str:

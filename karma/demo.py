@@ -125,29 +125,9 @@ def run_demo(config_path: str | None, overrides: list[str], out_dir: str = "runs
 
     t = _stage(7, total, "report")
     walls["total"] = time.time() - t_all
-    report = write_report(out, cfg, results, runs, walls, cuda)
+    report = write_report(out, cfg, results, runs, walls)
     print(report.read_text())
     return out
-
-
-def _device_name(cuda: bool) -> str:
-    import platform
-
-    import torch
-
-    if cuda:
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores (CPU)"
 
 
 def plot_curves(runs: dict[str, Path], path: Path) -> None:
@@ -180,8 +160,9 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
 
 
 def write_report(out: Path, cfg: Config, results: dict[str, dict[str, Any]], runs: dict[str, Path],
-                 walls: dict[str, float], cuda: bool) -> Path:
+                 walls: dict[str, float]) -> Path:
     from karma.evaluate import format_metrics_table
+    from karma.report import device_name
 
     plot_curves(runs, out / "training_curves.png")
     primary = "masked" if cfg.eval.mask_history else "unmasked"
@@ -191,7 +172,7 @@ def write_report(out: Path, cfg: Config, results: dict[str, dict[str, Any]], run
     for key in ("checkpoint", "loss_preset", "prepared_dir"):
         protocol.pop(key, None)
     lines = ["# karma demo: action_only vs karma on ML-100K", ""]
-    lines.append(f"Machine: {_device_name(cuda)}. Backbone: {cfg.model.backbone} "
+    lines.append(f"Machine: {device_name()}. Backbone: {cfg.model.backbone} "
                  f"({'LoRA' if cfg.model.lora else 'full fine-tuning'}, "
                  f"interface {cfg.model.interface}, history {cfg.data.max_history}, "
                  f"{cfg.model.history_source} history vectors). Training: {cfg.train.steps} steps "

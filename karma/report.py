@@ -38,6 +38,24 @@ DEFAULT_SEEDS = (0, 1, 2)
 # Columns of the summary tables, in order; other metrics are kept in results.json.
 TABLE_METRICS = ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr@10", "hr@50", "ndcg@50", "hr@200")
 CHART_METRICS = ("hr@10", "ndcg@10")
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (results name the machine that produced them)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_name() -> str:
+    """The GPU when CUDA is used, else the CPU model and core count."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (GPU)"
+    return f"{cpu_name()}, {os.cpu_count()} cores (CPU)"
 # ML-100K, leave-one-out, full ranking, seen items masked (LlamaRec paper, Yue et al. 2023).
 PUBLISHED_ANCHORS = {
     "SASRec": {"hr@10": 0.0993, "ndcg@10": 0.0522},
@@ -284,8 +302,7 @@ def write_report(cfg: Config, runs: dict[str, dict[int, dict]], out_dir: Path) -
         "",
         f"Evaluation: {_evaluation(runs)}.",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"CUDA {'available' if torch.cuda.is_available() else 'not used'}.",
+        f"Machine: {device_name()}, torch {torch.__version__}.",
         "",
         "Mean ± sample standard deviation (ddof=1) over seeds.",
     ]

@@ -28,7 +28,7 @@ import csv
 import gzip
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from itertools import chain
@@ -228,11 +228,9 @@ def read_delimited(
     return RawTable(str(path), columns, list(range(1, table.num_rows + 1)))
 
 
-def _read_jsonl(path: Path) -> RawTable:
+def iter_jsonl(path: Path, errors: ErrorLog) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-empty line of a JSONL(.gz) file; bad lines are logged."""
     opener = gzip.open if path.suffix.lower() == ".gz" else open
-    records: list[dict[str, Any]] = []
-    rows: list[int] = []
-    errors = ErrorLog()
     with opener(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -245,8 +243,15 @@ def _read_jsonl(path: Path) -> RawTable:
             if not isinstance(record, dict):
                 errors.add(str(path), line_no, "*", "expected a JSON object")
                 continue
-            records.append(record)
-            rows.append(line_no)
+            yield line_no, record
+
+
+def _read_jsonl(path: Path) -> RawTable:
+    errors = ErrorLog()
+    rows, records = [], []
+    for line_no, record in iter_jsonl(path, errors):
+        rows.append(line_no)
+        records.append(record)
     errors.raise_if_any()
     names: dict[str, None] = {}
     for record in records:

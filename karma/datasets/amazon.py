@@ -19,34 +19,13 @@ fields are errors naming file, line and field.
 
 from __future__ import annotations
 
-import gzip
-import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from karma.errors import DataError
-from karma.tables import ErrorLog, RawTable, SourceData, validate_tables
+from karma.tables import ErrorLog, RawTable, SourceData, iter_jsonl, validate_tables
 
 MAX_FEATURES = 3
-
-
-def _records(path: Path, errors: ErrorLog) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-empty line; bad lines are logged."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.add(str(path), line_no, "*", f"not valid JSON: {exc.msg}")
-                continue
-            if not isinstance(record, dict):
-                errors.add(str(path), line_no, "*", "expected a JSON object")
-                continue
-            yield line_no, record
 
 
 def find_amazon_files(path: str, items_path: str = "", reviews_path: str = "") -> tuple[Path, Path]:
@@ -67,14 +46,14 @@ def load_amazon(path: str = "", *, items_path: str = "", reviews_path: str = "")
     errors = ErrorLog()
     reviews: list[tuple[int, dict[str, Any]]] = [
         (row, {k: r.get(k) for k in ("user_id", "parent_asin", "timestamp")})
-        for row, r in _records(reviews_file, errors)
+        for row, r in iter_jsonl(reviews_file, errors)
     ]
     reviewed = {r["parent_asin"] for _, r in reviews if isinstance(r["parent_asin"], str)}
 
     items: dict[str, list] = {"item_id": [], "title": [], "category": [], "attributes": []}
     item_rows: list[int] = []
     untitled: set[str] = set()
-    for row, meta in _records(meta_file, errors):
+    for row, meta in iter_jsonl(meta_file, errors):
         asin = meta.get("parent_asin")
         if asin not in reviewed:
             continue
