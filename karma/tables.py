@@ -1,7 +1,8 @@
-"""Read raw item / interaction tables and validate them into the in-memory `SourceData` that
-every loader (`load_files` here, the ones in `karma.datasets`) returns.
+"""Validate raw item / interaction tables (read by `karma.readers`) into the in-memory
+`SourceData` that every loader (`load_files` here, the ones in `karma.datasets`) returns.
 
-    from karma.tables import ErrorLog, read_table, validate_tables
+    from karma.readers import read_table
+    from karma.tables import validate_tables
     source = validate_tables(read_table("items.csv"), read_table("interactions.csv"))
     source.items.texts[0]             # "Toy Story (1995) | Animation, Children's, Comedy"
     source.interactions.item_idx      # (N,) int64 dense item_idx of the clicked rows
@@ -24,11 +25,9 @@ out-of-order input is reported in `notes`.
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from itertools import chain
@@ -36,30 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from karma.errors import DataError
+from karma.readers import ErrorLog, RawTable, read_table
 from karma.text import render_item_text
-
-MAX_ERRORS = 20
-ROW_CONVENTION = "rows are 1-based data rows, header not counted"
 
 # ---------------------------------------------------------------------------------------------
 # In-memory tables
-
-
-@dataclass
-class RawTable:
-    """A table as read from a file: column name -> Python values, plus the row number of each
-    record (1-based data row, for error messages)."""
-
-    path: str
-    columns: dict[str, list[Any]]
-    rows: list[int]
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
 
 @dataclass
@@ -109,155 +91,8 @@ class SourceData:
     query_noun: str = ""  # "movies" makes "comedy movies"; "" gives "comedy"
 
 
-# ---------------------------------------------------------------------------------------------
-# Errors
-
-
-class ErrorLog:
-    """Collects data errors so that one message lists them all (the first `limit` shown)."""
-
-    def __init__(self, limit: int = MAX_ERRORS):
-        self.limit = limit
-        self.messages: list[str] = []
-        self.count = 0
-
-    def add(self, path: str, row: int | None, field_name: str, message: str) -> None:
-        self.count += 1
-        if len(self.messages) < self.limit:
-            where = f"row {row}, " if row is not None else ""
-            self.messages.append(f"{path}: {where}field '{field_name}': {message}")
-
-    def raise_if_any(self) -> None:
-        if self.count == 0:
-            return
-        if self.count == 1:
-            raise DataError(self.messages[0])
-        more = (
-            f"\n  ... and {self.count - len(self.messages)} more" if self.count > self.limit else ""
-        )
-        raise DataError(
-            f"{self.count} data errors ({ROW_CONVENTION}):\n  " + "\n  ".join(self.messages) + more
-        )
-
-
 class _FieldError(Exception):
     """A bad value in one field; the caller adds file and row."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading tables
-
-
-def _is_jsonl(path: Path) -> bool:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return bool(suffixes) and suffixes[-1] in (".jsonl", ".json", ".ndjson")
-
-
-def read_table(path: str | Path) -> RawTable:
-    """Read a Parquet, CSV/TSV or JSONL file into a RawTable (values as in the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        return _read_parquet(path)
-    if _is_jsonl(path):
-        return _read_jsonl(path)
-    if suffix in (".csv", ".tsv") or path.name.lower().endswith((".csv.gz", ".tsv.gz")):
-        return _read_csv(path, delimiter="\t" if ".tsv" in path.name.lower() else ",")
-    raise DataError(f"{path}: unknown table format (expected .parquet, .csv, .tsv or .jsonl)")
-
-
-def _read_parquet(path: Path) -> RawTable:
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
-    columns = {name: table.column(name).to_pylist() for name in table.column_names}
-    return RawTable(str(path), columns, list(range(1, table.num_rows + 1)))
-
-
-def _read_csv(path: Path, delimiter: str = ",") -> RawTable:
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
-    if not header:
-        raise DataError(f"{path}: empty file (expected a header row)")
-    return read_delimited(path, header, delimiter=delimiter)
-
-
-def read_delimited(
-    path: str | Path, column_names: list[str], delimiter: str = ",", quoting: bool = True
-) -> RawTable:
-    """Read a delimited file with one header line into a RawTable, every value a string (the type
-    checks and their messages are ours). Rows with the wrong number of fields are errors."""
-    import pyarrow.csv as pacsv
-
-    bad_rows = ErrorLog()
-
-    def on_invalid(row: Any) -> str:
-        # row.number is the 1-based line (known because use_threads=False); header = line 1.
-        data_row = row.number - 1 if row.number is not None else None
-        got = f"expected {row.expected_columns} columns, got {row.actual_columns}"
-        bad_rows.add(str(path), data_row, "*", got)
-        return "skip"
-
-    try:
-        table = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(
-                column_names=column_names, skip_rows=1, use_threads=False
-            ),
-            # Empty lines stay rows, so that row numbers match the file.
-            parse_options=pacsv.ParseOptions(
-                delimiter=delimiter,
-                quote_char='"' if quoting else False,
-                invalid_row_handler=on_invalid,
-                ignore_empty_lines=False,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in column_names}
-            ),
-        )
-    except pa.ArrowInvalid as exc:
-        raise DataError(f"{path}: not a readable delimited file: {exc}") from exc
-    bad_rows.raise_if_any()
-    columns = {name: table.column(name).to_pylist() for name in table.column_names}
-    return RawTable(str(path), columns, list(range(1, table.num_rows + 1)))
-
-
-def iter_jsonl(path: Path, errors: ErrorLog) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-empty line of a JSONL(.gz) file; bad lines are logged."""
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.add(str(path), line_no, "*", f"not valid JSON: {exc.msg}")
-                continue
-            if not isinstance(record, dict):
-                errors.add(str(path), line_no, "*", "expected a JSON object")
-                continue
-            yield line_no, record
-
-
-def _read_jsonl(path: Path) -> RawTable:
-    errors = ErrorLog()
-    rows, records = [], []
-    for line_no, record in iter_jsonl(path, errors):
-        rows.append(line_no)
-        records.append(record)
-    errors.raise_if_any()
-    names: dict[str, None] = {}
-    for record in records:
-        names.update(dict.fromkeys(record))
-    columns = {name: [r.get(name) for r in records] for name in names}
-    return RawTable(str(path), columns, rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,15 +442,11 @@ def load_files(items_path: str | Path, interactions_path: str | Path) -> SourceD
 
 
 __all__ = [
-    "ErrorLog",
     "InteractionTable",
     "ItemTable",
-    "RawTable",
     "SourceData",
     "load_files",
     "parse_timestamp",
-    "read_delimited",
-    "read_table",
     "validate_interactions",
     "validate_items",
     "validate_tables",

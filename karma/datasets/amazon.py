@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from karma.errors import DataError
-from karma.tables import ErrorLog, RawTable, SourceData, iter_jsonl, validate_tables
+from karma.readers import ErrorLog, RawTable, iter_jsonl
+from karma.tables import SourceData, validate_tables
 
 MAX_FEATURES = 3
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from karma.datasets.recbole import load_recbole
 from karma.errors import DataError, KarmaError
-from karma.tables import ErrorLog, RawTable, SourceData, validate_tables
+from karma.readers import ErrorLog, RawTable
+from karma.tables import SourceData, validate_tables
 from karma.text import split_title_year
 
 ML100K_GENRES = (

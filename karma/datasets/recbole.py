@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from karma.errors import DataError
-from karma.tables import RawTable, SourceData, read_delimited, validate_tables
+from karma.readers import RawTable, read_delimited
+from karma.tables import SourceData, validate_tables
 
 TITLE_FIELDS = ("title", "movie_title", "name", "item_name")
 YEAR_FIELDS = ("release_year", "year")

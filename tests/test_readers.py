@@ -1,0 +1,45 @@
+"""Raw table readers: one RawTable whatever the format, row numbers as the file counts them."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from karma.errors import DataError
+from karma.readers import ErrorLog, iter_jsonl, read_table
+
+ROWS = [{"item_id": "a", "title": "A"}, {"item_id": "b", "title": "B"}]
+
+
+def test_csv_jsonl_parquet_give_the_same_columns_and_rows(tmp_path):
+    (tmp_path / "t.csv").write_text("item_id,title\na,A\nb,B\n")
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    with gzip.open(tmp_path / "t.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "t.parquet")
+    tables = [read_table(tmp_path / n) for n in ("t.csv", "t.jsonl", "t.jsonl.gz", "t.parquet")]
+    for table in tables:
+        assert table.columns == {"item_id": ["a", "b"], "title": ["A", "B"]}
+        assert table.rows == [1, 2]  # 1-based data rows, header not counted
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"item_id": "a"}\n\nnot json\n[1, 2]\n')
+    errors = ErrorLog()
+    assert [n for n, _ in iter_jsonl(path, errors)] == [1]
+    with pytest.raises(DataError) as exc:
+        errors.raise_if_any()
+    assert f"{path}: row 3, field '*': not valid JSON" in str(exc.value)
+    assert f"{path}: row 4, field '*': expected a JSON object" in str(exc.value)
+
+
+def test_error_log_shows_the_first_errors_and_counts_the_rest():
+    errors = ErrorLog(limit=2)
+    for row in range(1, 6):
+        errors.add("f.csv", row, "title", "empty title")
+    with pytest.raises(DataError, match=r"5 data errors .*\n  f.csv: row 1.*\n  f.csv: row 2.*"
+                                        r"\n  \.\.\. and 3 more"):
+        errors.raise_if_any()
