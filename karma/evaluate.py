@@ -123,6 +123,22 @@ def base_protocol(cfg: Config, n_users: int, n_items: int, **extra: Any) -> dict
     return protocol
 
 
+def build_index_from_config(item_emb: Any, cfg: Config, **extra: Any) -> Any:
+    """`karma.index.build_index` with the `eval.*` index settings (embeddings used as given)."""
+    return build_index(
+        item_emb,
+        cfg.eval.index,
+        normalize=False,
+        hnsw_m=cfg.eval.hnsw_m,
+        ef_search=cfg.eval.hnsw_ef_search,
+        ef_construction=cfg.eval.hnsw_ef_construction,
+        nlist=cfg.eval.ivf_nlist,
+        nprobe=cfg.eval.ivf_nprobe,
+        seed=cfg.data.seed,
+        **extra,
+    )
+
+
 def evaluate_embeddings(
     user_emb: np.ndarray | torch.Tensor,
     item_emb: np.ndarray | torch.Tensor,
@@ -162,17 +178,7 @@ def evaluate_embeddings(
             )
             metrics[name] = compute_metrics(ids, targets, ks, scores=scores)
     else:
-        index = build_index(
-            item_emb,
-            cfg.eval.index,
-            normalize=False,
-            hnsw_m=cfg.eval.hnsw_m,
-            ef_search=cfg.eval.hnsw_ef_search,
-            ef_construction=cfg.eval.hnsw_ef_construction,
-            nlist=cfg.eval.ivf_nlist,
-            nprobe=cfg.eval.ivf_nprobe,
-            seed=cfg.data.seed,
-        )
+        index = build_index_from_config(item_emb, cfg)
         index_info.update(index.params)
         index_info["backend"] = "faiss gpu" if index.gpu_index is not None else "faiss cpu"
         for name, excl in (("masked", exclude), ("unmasked", None)):
@@ -387,19 +393,7 @@ def export_embeddings(
         np.save(out / "user_emb.npy", user_emb)
         (out / "item_ids.json").write_text(json.dumps(item_ids))
         (out / "user_ids.json").write_text(json.dumps(user_ids))
-    index = build_index(
-        item_emb,
-        cfg.eval.index,
-        item_ids=item_ids,
-        normalize=False,
-        hnsw_m=cfg.eval.hnsw_m,
-        ef_search=cfg.eval.hnsw_ef_search,
-        ef_construction=cfg.eval.hnsw_ef_construction,
-        nlist=cfg.eval.ivf_nlist,
-        nprobe=cfg.eval.ivf_nprobe,
-        use_gpu=False,
-        seed=cfg.data.seed,
-    )
+    index = build_index_from_config(item_emb, cfg, item_ids=item_ids, use_gpu=False)
     save_index(index, out / "index")
     meta = {
         "checkpoint": str(checkpoint),

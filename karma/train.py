@@ -372,6 +372,11 @@ def _train(cfg: Config, resume: bool, dist: Any) -> Path:
     last_log: dict[str, Any] = {}
     last_good_step = start_step if resume else None
     t0 = time.time()
+
+    def save(ckpt_dir: Path) -> None:
+        save_checkpoint(ckpt_dir, model, optimizer, scheduler, step, cfg,
+                        _extra(best, prior_wall_s + time.time() - t0))
+
     bar = tqdm(total=tc.steps, initial=start_step, disable=not dist.is_main, dynamic_ncols=True)
     step = start_step
     while step < tc.steps:
@@ -463,15 +468,7 @@ def _train(cfg: Config, resume: bool, dist: Any) -> Path:
                 record.update({f"val/{k}": v for k, v in metrics.items()})
                 if metrics["hr@10"] > best["hr@10"]:
                     best = {"hr@10": metrics["hr@10"], "ndcg@10": metrics["ndcg@10"], "step": step}
-                    save_checkpoint(
-                        best_dir,
-                        model,
-                        optimizer,
-                        scheduler,
-                        step,
-                        cfg,
-                        _extra(best, prior_wall_s + time.time() - t0),
-                    )
+                    save(best_dir)
                 bar.write(
                     f"step {step}: val hr@10 {metrics['hr@10']:.4f} "
                     f"ndcg@10 {metrics['ndcg@10']:.4f} (best {best['hr@10']:.4f} @ {best['step']})"
@@ -493,15 +490,7 @@ def _train(cfg: Config, resume: bool, dist: Any) -> Path:
             last_log = record
         if do_save:
             if dist.is_main:
-                save_checkpoint(
-                    last_dir,
-                    model,
-                    optimizer,
-                    scheduler,
-                    step,
-                    cfg,
-                    _extra(best, prior_wall_s + time.time() - t0),
-                )
+                save(last_dir)
             distributed.barrier()
             last_good_step = step
     bar.close()
