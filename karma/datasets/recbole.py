@@ -70,8 +70,14 @@ def load_recbole(
     name: str = "recbole",
     query_noun: str = "",
     ignore_categories: tuple[str, ...] = (),
+    split_categories: bool = False,
 ) -> SourceData:
-    """Load RecBole atomic files into validated karma tables (every row is an interaction)."""
+    """Load RecBole atomic files into validated karma tables (every row is an interaction).
+
+    `token_seq` category fields are split on whitespace; `split_categories` splits a `token` field
+    too, for files that store a list under the wrong type (ML-1M's `genre:token` holds
+    "Animation Children's Comedy").
+    """
     if not str(path):
         raise DataError("data.path: empty; set it to a RecBole dataset directory or .inter file")
     inter_path, item_path = find_atomic_files(path)
@@ -96,7 +102,7 @@ def load_recbole(
     category_field = next((f for f in CATEGORY_FIELDS if f in cols), None)
     if category_field is not None:
         ignored = set(ignore_categories)
-        split = types[category_field] == "token_seq"
+        split = split_categories or types[category_field] == "token_seq"
         items["category"] = [
             [c for c in (value.split() if split else [value.strip()]) if c and c not in ignored]
             for value in cols[category_field]
