@@ -144,7 +144,7 @@ class CatalogSoftmaxLoss(nn.Module):
 
     Full (`sampled=0`), for readout r with target t_r and temperature tau:
 
-        catalog_loss = mean_r -log exp(u_r . e_{t_r} / tau) / sum_{j in catalog} exp(u_r . e_j / tau)
+        catalog_loss = mean_r -log exp(u_r . e_{t_r} / tau) / sum_j exp(u_r . e_j / tau)
 
     Sampled (`sampled=S > 0`): S candidates j_1..j_S are drawn with replacement from the proposal
     q (uniform when `proposal` is None, e.g. item frequency otherwise) and shared by the batch;
