@@ -92,6 +92,7 @@ def test_prepared_layout_and_load_prepared(tmp_path):
     )
     out = prepare_dataset(cfg)
     assert sorted(p.name for p in out.iterdir()) == [
+        ".karma-output",
         "config.yaml",
         "items.parquet",
         "stats.json",
