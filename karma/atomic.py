@@ -99,7 +99,8 @@ def check_output_dir(
     if path.is_dir() and not is_karma_output(path) and any(path.iterdir()):
         raise KarmaError(
             f"{path}: not empty and not written by karma (no {OUTPUT_MARKER} file); karma never "
-            f"deletes what it did not create: set {option} to a new directory or empty this one"
+            f"overwrites what it did not create: set {option} to a new or empty directory (an "
+            f"older karma's output: create an empty {path / OUTPUT_MARKER} to reuse it)"
         )
     return path
 

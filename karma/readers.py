@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -114,8 +114,14 @@ def _read_parquet(path: Path) -> RawTable:
     return RawTable(str(path), columns, list(range(1, table.num_rows + 1)))
 
 
-def _open_binary(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes) of a file, gunzipped if it ends in .gz."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            yield from enumerate(f, start=1)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: damaged gzip file ({exc})") from exc
 
 
 def _decode_line(path: Path, line_no: int, raw: bytes) -> str:
@@ -128,9 +134,8 @@ def _decode_line(path: Path, line_no: int, raw: bytes) -> str:
 
 def _check_utf8(path: Path) -> None:
     """Raise naming the first line that is not UTF-8 (run only after a read failed)."""
-    with _open_binary(path) as f:
-        for line_no, raw in enumerate(f, start=1):
-            _decode_line(path, line_no, raw)
+    for line_no, raw in _raw_lines(path):
+        _decode_line(path, line_no, raw)
 
 
 def _check_header(path: Path, names: list[str]) -> None:
@@ -145,11 +150,7 @@ def _check_header(path: Path, names: list[str]) -> None:
 
 
 def _read_csv(path: Path, delimiter: str = ",") -> RawTable:
-    try:
-        with _open_binary(path) as f:
-            first_line = f.readline()
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path}: damaged gzip file ({exc})") from exc
+    first_line = next((raw for _, raw in _raw_lines(path)), b"")
     header = next(csv.reader([_decode_line(path, 1, first_line)], delimiter=delimiter), None)
     if not header:
         raise DataError(f"{path}: empty file (expected a header row)")
@@ -224,23 +225,22 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def iter_jsonl(path: Path, errors: ErrorLog) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-empty line of a JSONL(.gz) file; bad lines are logged."""
-    with _open_binary(path) as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = _decode_line(path, line_no, raw)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line, object_pairs_hook=_unique_keys)
-            except json.JSONDecodeError as exc:
-                errors.add(str(path), line_no, "*", f"not valid JSON: {exc.msg}")
-                continue
-            except _DuplicateKey as exc:
-                errors.add(str(path), line_no, str(exc), "key appears twice in the object")
-                continue
-            if not isinstance(record, dict):
-                errors.add(str(path), line_no, "*", "expected a JSON object")
-                continue
-            yield line_no, record
+    for line_no, raw in _raw_lines(path):
+        line = _decode_line(path, line_no, raw)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, object_pairs_hook=_unique_keys)
+        except json.JSONDecodeError as exc:
+            errors.add(str(path), line_no, "*", f"not valid JSON: {exc.msg}")
+            continue
+        except _DuplicateKey as exc:
+            errors.add(str(path), line_no, str(exc), "key appears twice in the object")
+            continue
+        if not isinstance(record, dict):
+            errors.add(str(path), line_no, "*", "expected a JSON object")
+            continue
+        yield line_no, record
 
 
 def _read_jsonl(path: Path) -> RawTable:

@@ -11,10 +11,10 @@ Input tables (Parquet, CSV or JSONL; `.gz` JSONL too):
 - items: `item_id`, `title`; optional `year`, `category` (alias `categories`), `attributes`,
   `image_path`. Lists may be real lists, JSON strings ('["a", "b"]') or "a|b" strings (CSV).
 - interactions: `user_id`, `item_id`, `timestamp` (integer, or ISO-8601 string read as UTC
-  seconds; one kind per file, never mixed); optional `query`, `impressions` (item ids shown in the same request), `clicked`.
-  Only clicked rows (all rows when there is no `clicked` column) become interactions. An
-  unclicked row is an impression: it joins the hard negatives of the clicked rows of the same
-  request (same user, timestamp and query); alone it is only counted.
+  seconds; one kind per file, never mixed); optional `query`, `impressions` (item ids shown in
+  the same request), `clicked`. Only clicked rows (all rows when there is no `clicked` column)
+  become interactions. An unclicked row is an impression: it joins the hard negatives of the
+  clicked rows of the same request (same user, timestamp and query); alone it is only counted.
 
 Errors: every problem raises `karma.errors.DataError` naming file, row and field. Rows are the
 1-based data row of the file, header not counted (CSV row N is line N + 1; JSONL row N is line N;
@@ -465,6 +465,9 @@ def validate_tables(
             raise DataError(f"{table.path}: {what} file has no rows; add rows below the header")
     errors = ErrorLog()
     catalog, known_ids = validate_items(items, errors)
+    if catalog.n_items == 0:
+        # No usable item: every interaction would be an 'unknown item id' hiding the real cause.
+        errors.raise_if_any()
     table, dropped, notes = validate_interactions(interactions, catalog.index(), known_ids, errors)
     errors.raise_if_any()
     if catalog.n_items == 0:
