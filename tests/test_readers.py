@@ -36,6 +36,39 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     assert f"{path}: row 4, field '*': expected a JSON object" in str(exc.value)
 
 
+def test_bom_is_stripped_and_blank_rows_skipped_keeping_row_numbers(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"\xef\xbb\xbfitem_id,title\na,A\n\n,\nb,B\n\n")
+    table = read_table(path)
+    assert table.columns == {"item_id": ["a", "b"], "title": ["A", "B"]}
+    assert table.rows == [1, 4]  # the rows' own numbers: blank lines 2 and 3 skipped
+    (tmp_path / "t.jsonl").write_bytes(b'\xef\xbb\xbf{"item_id": "a"}\n')
+    assert read_table(tmp_path / "t.jsonl").columns == {"item_id": ["a"]}
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("h.csv", b"item_id,t\xe9tle\n", r"h.csv: line 1 is not valid UTF-8 \(byte 0xe9\)"),
+        ("r.csv", b"item_id,title\na,A\nb,\xff\n", r"line 3 is not valid UTF-8 \(byte 0xff\)"),
+        ("j.jsonl", b'{"a": 1}\n{"a": "\xe9"}\n', r"j.jsonl: line 2 is not valid UTF-8"),
+        ("d.csv", b"a,b,a\n1,2,3\n", r"header: column 'a' appears twice \(columns 1 and 3\)"),
+        ("g.csv.gz", b"not gzip", r"g.csv.gz: damaged gzip file"),
+    ],
+)
+def test_unreadable_tables_name_file_and_line(tmp_path, name, data, message):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataError, match=message):
+        read_table(tmp_path / name)
+
+
+def test_jsonl_key_twice_is_an_error(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"a": 1, "a": 2}\n')
+    with pytest.raises(DataError, match=r"row 1, field 'a': key appears twice"):
+        read_table(path)
+
+
 def test_error_log_shows_the_first_errors_and_counts_the_rest():
     errors = ErrorLog(limit=2)
     for row in range(1, 6):
