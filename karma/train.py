@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from karma.atomic import check_output_dir, ensure_output_dir
+from karma.atomic import ensure_output_dir
 from karma.checkpoint import load_checkpoint, save_checkpoint
 from karma.config import Config, config_to_dict, load_config, save_config
 from karma.errors import DataError, KarmaError
@@ -284,7 +284,6 @@ def _train(cfg: Config, resume: bool, dist: Any) -> Path:
     last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
     log_path = run_dir / "log.jsonl"
     micro_global, _ = _micro_batch_sizes(cfg, dist.world_size)
-    check_output_dir(run_dir, "train.output_dir")  # before any work: never a user's own folder
     if resume and not (last_dir / "state.pt").exists():
         raise KarmaError(f"--resume: no checkpoint at {last_dir}")
     if not resume and (last_dir / "state.pt").exists():
@@ -292,6 +291,9 @@ def _train(cfg: Config, resume: bool, dist: Any) -> Path:
             f"{run_dir} already holds a run (checkpoints/last exists); pass --resume to continue "
             f"it or set train.output_dir to a new directory"
         )
+    # Claimed before any work (and before data.prepared_dir may be created inside it); never a
+    # folder of the user's own.
+    ensure_output_dir(run_dir, "train.output_dir")
 
     data = _prepare_data(cfg, dist)
     train_split = data.split("train")
@@ -355,7 +357,7 @@ def _train(cfg: Config, resume: bool, dist: Any) -> Path:
     val_rows = _validation_users(len(data.split("valid")), tc.eval_users, tc.seed)
     writer = None
     if dist.is_main:
-        ensure_output_dir(run_dir, "train.output_dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         if resume:
             _truncate_log(log_path, start_step)
