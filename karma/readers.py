@@ -195,7 +195,7 @@ def read_delimited(
             ),
         )
     except pa.ArrowInvalid as exc:
-        _check_utf8(path)  # arrow's own message names neither the line nor the byte
+        _check_utf8(Path(path))  # arrow's own message names neither the line nor the byte
         raise DataError(f"{path}: not a readable delimited file: {exc}") from exc
     bad_rows.raise_if_any()
     blank = None
