@@ -76,3 +76,21 @@ def test_error_log_shows_the_first_errors_and_counts_the_rest():
     with pytest.raises(DataError, match=r"5 data errors .*\n  f.csv: row 1.*\n  f.csv: row 2.*"
                                         r"\n  \.\.\. and 3 more"):
         errors.raise_if_any()
+
+
+def test_unreadable_input_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """chmod 000 does not stop root (CI containers), so the refusal is simulated at open()."""
+    from karma.cli import main
+
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title\na,A\n")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("karma.readers.open", denied, raising=False)
+    argv = ["data", "prepare", "data.source=files", f"data.items_path={items}",
+            f"data.interactions_path={items}", f"data.prepared_dir={tmp_path / 'p'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"karma: error: {items}: Permission denied; check the file's permissions\n"
