@@ -240,17 +240,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply dotted `a.b=c` overrides in place (a key given twice is an error), then check the
-    values (`check_values`), so that a bad value fails before any work starts."""
-    given: dict[str, str] = {}
+    """Apply dotted `a.b=c` overrides in place (later ones win, so callers can put defaults
+    first), then check the values (`check_values`): a bad value fails before any work starts."""
     for text in overrides:
         path, value = parse_override(text)
-        key = ".".join(path)
-        if key in given:
-            raise ConfigError(
-                f"override '{text}': key '{key}' already set by '{given[key]}'; give it once"
-            )
-        given[key] = text
         nested: Any = value
         for part in reversed(path):
             nested = {part: nested}

@@ -110,11 +110,6 @@ def test_yaml_key_set_twice_is_an_error(tmp_path):
         load_config(path)
 
 
-def test_override_given_twice_is_an_error():
-    with pytest.raises(ConfigError, match="key 'train.steps' already set by 'train.steps=1'"):
-        apply_overrides(Config(), ["train.steps=1", "train.steps=2"])
-
-
 def test_config_file_problems_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="not a file"):
         load_config(tmp_path)
