@@ -22,7 +22,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from karma.atomic import replace_dir
 from karma.errors import KarmaError
 
 DEFAULT_BACKBONE = "smollm2-135m"
@@ -298,9 +298,12 @@ def _convert(spec: BackboneSpec, chunks: list[Path], dest: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise KarmaError("converting a GGUF backbone needs the gguf package: pip install gguf")
     start = time.perf_counter()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=dest.parent))
-    try:
+    # Converted into a marked temp sibling and renamed onto `dest` (karma.atomic.replace_dir): a
+    # directory there that karma did not write (e.g. copied by hand) is refused, never deleted.
+    with replace_dir(dest, "$KARMA_HOME") as out, tempfile.TemporaryDirectory(
+        prefix=f".{spec.name}.gguf-", dir=dest.parent
+    ) as scratch:
+        work = Path(scratch)
         if len(chunks) == 1:
             gguf_path = chunks[0]
         else:
@@ -326,7 +329,6 @@ def _convert(spec: BackboneSpec, chunks: list[Path], dest: Path) -> None:
         ):
             raise KarmaError(f"backbone '{spec.name}': tied embeddings lost in conversion")
         del quantized
-        out = work / "hf"
         model.save_pretrained(out)
         # GGUF tokenizers come without a length limit; the model's context is the real one.
         tokenizer.model_max_length = config.max_position_embeddings
@@ -341,11 +343,6 @@ def _convert(spec: BackboneSpec, chunks: list[Path], dest: Path) -> None:
             "convert_seconds": round(time.perf_counter() - start, 1),
         }
         (out / _DONE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if dest.exists():  # a leftover without the done marker (e.g. copied by hand)
-            shutil.rmtree(dest)
-        out.rename(dest)  # atomic on one filesystem: readers see all of it or nothing
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     print(
         f"karma: backbone {spec.name} ready at {dest} ({info['convert_seconds']} s)",
         file=sys.stderr,

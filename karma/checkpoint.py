@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model as _load_safetensors_model
 from safetensors.torch import save_model as _save_safetensors_model
 
@@ -200,6 +201,10 @@ def load_weights(ckpt_dir: str | Path, model: torch.nn.Module) -> None:
     device = next(target.parameters()).device
     try:
         _load_safetensors_model(target, str(path), strict=True, device=str(device))
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"{path}: damaged or truncated weights file ({exc}); restore it or train again"
+        ) from exc
     except RuntimeError as exc:
         raise CheckpointError(
             f"{path}: does not match the model built from the config: {exc}"

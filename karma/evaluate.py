@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from karma.atomic import ensure_output_dir
 from karma.config import Config, apply_overrides, config_to_dict
 from karma.errors import KarmaError
 from karma.index import build_index, search, torch_topk_search
@@ -362,8 +363,7 @@ def export_embeddings(
 
     if fmt not in ("parquet", "npy"):
         raise KarmaError(f"export format must be parquet or npy, got '{fmt}'")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_output_dir(out_dir, "--out")
     model, cfg, data, examples = _load_for_eval(checkpoint, overrides)
     catalog, user_emb = _encode(model, data, examples, cfg.eval.batch_size)
     item_emb = np.asarray(catalog.item_emb, dtype=np.float32)  # (N, k)

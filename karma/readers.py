@@ -15,15 +15,18 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from karma.errors import DataError
+from karma.errors import DataError, utf8_error
 
 MAX_ERRORS = 20
 ROW_CONVENTION = "rows are 1-based data rows, header not counted"
@@ -87,8 +90,10 @@ def _is_jsonl(path: Path) -> bool:
 def read_table(path: str | Path) -> RawTable:
     """Read a Parquet, CSV/TSV or JSONL file into a RawTable (values as in the file)."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found; check the path")
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: not a file; give the path of a table file")
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         return _read_parquet(path)
@@ -104,16 +109,52 @@ def _read_parquet(path: Path) -> RawTable:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+    _check_header(path, table.column_names)
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     return RawTable(str(path), columns, list(range(1, table.num_rows + 1)))
 
 
-def _read_csv(path: Path, delimiter: str = ",") -> RawTable:
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes) of a file, gunzipped if it ends in .gz."""
     opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
+    try:
+        with opener(path, "rb") as f:
+            yield from enumerate(f, start=1)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: damaged gzip file ({exc})") from exc
+
+
+def _decode_line(path: Path, line_no: int, raw: bytes) -> str:
+    """A line as text; a UTF-8 byte-order mark at the start of the file is dropped."""
+    try:
+        return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(utf8_error(path, line_no, exc)) from exc
+
+
+def _check_utf8(path: Path) -> None:
+    """Raise naming the first line that is not UTF-8 (run only after a read failed)."""
+    for line_no, raw in _raw_lines(path):
+        _decode_line(path, line_no, raw)
+
+
+def _check_header(path: Path, names: list[str]) -> None:
+    first: dict[str, int] = {}
+    for i, name in enumerate(names, start=1):
+        if name in first:
+            raise DataError(
+                f"{path}: header: column '{name}' appears twice (columns {first[name]} and {i}); "
+                "rename or remove one"
+            )
+        first[name] = i
+
+
+def _read_csv(path: Path, delimiter: str = ",") -> RawTable:
+    first_line = next((raw for _, raw in _raw_lines(path)), b"")
+    header = next(csv.reader([_decode_line(path, 1, first_line)], delimiter=delimiter), None)
     if not header:
         raise DataError(f"{path}: empty file (expected a header row)")
+    _check_header(path, header)
     return read_delimited(path, header, delimiter=delimiter)
 
 
@@ -121,7 +162,10 @@ def read_delimited(
     path: str | Path, column_names: list[str], delimiter: str = ",", quoting: bool = True
 ) -> RawTable:
     """Read a delimited file with one header line into a RawTable, every value a string (the type
-    checks and their messages are ours). Rows with the wrong number of fields are errors."""
+    checks and their messages are ours). Rows with the wrong number of fields are errors.
+
+    Blank lines, and rows whose every field is empty (spreadsheets export them), are skipped
+    like every CSV reader does; the other rows keep their numbers."""
     import pyarrow.csv as pacsv
 
     bad_rows = ErrorLog()
@@ -151,28 +195,52 @@ def read_delimited(
             ),
         )
     except pa.ArrowInvalid as exc:
+        _check_utf8(Path(path))  # arrow's own message names neither the line nor the byte
         raise DataError(f"{path}: not a readable delimited file: {exc}") from exc
     bad_rows.raise_if_any()
+    blank = None
+    for column in table.columns:
+        empty = pc.fill_null(pc.equal(column, ""), True)
+        blank = empty if blank is None else pc.and_(blank, empty)
+    keep = np.arange(table.num_rows)
+    if blank is not None:
+        keep = np.flatnonzero(~blank.to_numpy(zero_copy_only=False))
+        table = table.take(keep)
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
-    return RawTable(str(path), columns, list(range(1, table.num_rows + 1)))
+    return RawTable(str(path), columns, (keep + 1).tolist())
+
+
+class _DuplicateKey(Exception):
+    """A JSON object with a key twice (json keeps the last silently); the arg is the key."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def iter_jsonl(path: Path, errors: ErrorLog) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-empty line of a JSONL(.gz) file; bad lines are logged."""
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.add(str(path), line_no, "*", f"not valid JSON: {exc.msg}")
-                continue
-            if not isinstance(record, dict):
-                errors.add(str(path), line_no, "*", "expected a JSON object")
-                continue
-            yield line_no, record
+    for line_no, raw in _raw_lines(path):
+        line = _decode_line(path, line_no, raw)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, object_pairs_hook=_unique_keys)
+        except json.JSONDecodeError as exc:
+            errors.add(str(path), line_no, "*", f"not valid JSON: {exc.msg}")
+            continue
+        except _DuplicateKey as exc:
+            errors.add(str(path), line_no, str(exc), "key appears twice in the object")
+            continue
+        if not isinstance(record, dict):
+            errors.add(str(path), line_no, "*", "expected a JSON object")
+            continue
+        yield line_no, record
 
 
 def _read_jsonl(path: Path) -> RawTable:

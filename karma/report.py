@@ -28,8 +28,10 @@ import numpy as np
 import torch
 import yaml
 
+from karma.atomic import ensure_output_dir
 from karma.baselines import BASELINES, run_baseline
 from karma.config import Config, config_to_dict, save_config
+from karma.data import read_stats
 from karma.errors import KarmaError
 
 KARMA_PRESETS = ("action_only", "gen", "rec", "karma", "karma_mm")
@@ -199,11 +201,8 @@ def _protocol(cfg: Config, runs: dict) -> str:
         for metrics in by_seed.values():
             if isinstance(metrics.get("protocol"), str):
                 return metrics["protocol"]
-    stats = Path(cfg.data.prepared_dir) / "stats.json"
-    if stats.is_file():
-        protocol = json.loads(stats.read_text()).get("protocol")
-        if isinstance(protocol, str):
-            return protocol
+    if (Path(cfg.data.prepared_dir) / "stats.json").is_file():
+        return read_stats(cfg.data.prepared_dir)["protocol"]
     return DEFAULT_PROTOCOL
 
 
@@ -362,8 +361,7 @@ def run_experiment(
         raise KarmaError(
             f"experiment methods: unknown {unknown} (known: {', '.join(BASELINES + KARMA_PRESETS)})"
         )
-    out_dir = Path(out_dir or "runs/experiment")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_output_dir(out_dir or "runs/experiment", "--out")
     runs: dict[str, dict[int, dict]] = {}
     for method in methods:
         runs[method] = {}

@@ -11,10 +11,10 @@ Input tables (Parquet, CSV or JSONL; `.gz` JSONL too):
 - items: `item_id`, `title`; optional `year`, `category` (alias `categories`), `attributes`,
   `image_path`. Lists may be real lists, JSON strings ('["a", "b"]') or "a|b" strings (CSV).
 - interactions: `user_id`, `item_id`, `timestamp` (integer, or ISO-8601 string read as UTC
-  seconds); optional `query`, `impressions` (item ids shown in the same request), `clicked`.
-  Only clicked rows (all rows when there is no `clicked` column) become interactions. An
-  unclicked row is an impression: it joins the hard negatives of the clicked rows of the same
-  request (same user, timestamp and query); alone it is only counted.
+  seconds; one kind per file, never mixed); optional `query`, `impressions` (item ids shown in
+  the same request), `clicked`. Only clicked rows (all rows when there is no `clicked` column)
+  become interactions. An unclicked row is an impression: it joins the hard negatives of the
+  clicked rows of the same request (same user, timestamp and query); alone it is only counted.
 
 Errors: every problem raises `karma.errors.DataError` naming file, row and field. Rows are the
 1-based data row of the file, header not counted (CSV row N is line N + 1; JSONL row N is line N;
@@ -117,18 +117,39 @@ _INT = re.compile(r"[+-]?\d+")
 _INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0*")
 
 
+_INT64 = 2**63
+
+
+def _int64(value: int) -> int:
+    if not -_INT64 <= value < _INT64:
+        raise _FieldError(f"timestamp {value} out of range (must fit a 64-bit integer)")
+    return value
+
+
+def timestamp_kind(value: Any) -> str:
+    """'ISO-8601' or 'integer': how a (valid) timestamp value is written. One column must not
+    mix the two: an integer of another unit would sort against the ISO dates at random."""
+    if isinstance(value, (datetime, date)):
+        return "ISO-8601"
+    if isinstance(value, str):
+        text = value.strip()
+        if not (_INT.fullmatch(text) or _INTEGRAL_FLOAT.fullmatch(text)):
+            return "ISO-8601"
+    return "integer"
+
+
 def parse_timestamp(value: Any) -> int:
     """An integer (or integral float, or a string of one) as is; ISO-8601 -> Unix seconds (UTC
-    when no zone is given)."""
+    when no zone is given). Values that do not fit int64 are errors."""
     if _is_missing(value):
         raise _FieldError("missing value")
     if isinstance(value, bool):
         raise _FieldError(f"unparseable timestamp {value!r}")
     if isinstance(value, int):
-        return value
+        return _int64(value)
     if isinstance(value, float):
         if value.is_integer():
-            return int(value)
+            return _int64(int(value))
         raise _FieldError(f"unparseable timestamp {value!r} (not an integer)")
     if isinstance(value, datetime):
         dt = value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -138,9 +159,9 @@ def parse_timestamp(value: Any) -> int:
     if isinstance(value, str):
         text = value.strip()
         if _INT.fullmatch(text):
-            return int(text)
+            return _int64(int(text))
         if _INTEGRAL_FLOAT.fullmatch(text):
-            return int(float(text))
+            return _int64(int(float(text)))
         try:
             dt = datetime.fromisoformat(text)
         except ValueError:
@@ -337,6 +358,7 @@ def validate_interactions(
         return [parse_item(item_id) for item_id in _parse_str_list(value)]
 
     parsed: list[tuple[str, int, int, str, bool, list[int], int]] = []
+    rows_of_kind: dict[str, list[int]] = {}  # timestamp kind -> rows (ISO-8601 / integer)
     for i, row in enumerate(table.rows):
         n_errors = errors.count
         user_id = _checked(errors, table.path, row, "user_id", _parse_id, cols["user_id"][i])
@@ -344,6 +366,8 @@ def validate_interactions(
         timestamp = _checked(
             errors, table.path, row, "timestamp", parse_timestamp, cols["timestamp"][i]
         )
+        if timestamp is not None:
+            rows_of_kind.setdefault(timestamp_kind(cols["timestamp"][i]), []).append(row)
         query = _checked(errors, table.path, row, "query", parse_query, cols.get("query", none)[i])
         clicked = (
             _checked(errors, table.path, row, "clicked", _parse_bool, cols["clicked"][i])
@@ -360,6 +384,17 @@ def validate_interactions(
         )
         if errors.count == n_errors:
             parsed.append((user_id, item, timestamp, query, clicked, shown, row))
+    if len(rows_of_kind) > 1:
+        kinds = " and ".join(
+            f"{kind} (rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''})"
+            for kind, rows in rows_of_kind.items()
+        )
+        errors.add(
+            table.path,
+            None,
+            "timestamp",
+            f"mixes {kinds}; write every timestamp the same way (all ISO-8601 or all integers)",
+        )
     if errors.count:
         return empty, {}, {}
 
@@ -425,8 +460,14 @@ def validate_tables(
     items: RawTable, interactions: RawTable, *, name: str = "files", query_noun: str = ""
 ) -> SourceData:
     """Validate both tables; raise one DataError listing every problem found (first 20)."""
+    for table, what in ((items, "items"), (interactions, "interactions")):
+        if len(table) == 0:
+            raise DataError(f"{table.path}: {what} file has no rows; add rows below the header")
     errors = ErrorLog()
     catalog, known_ids = validate_items(items, errors)
+    if catalog.n_items == 0:
+        # No usable item: every interaction would be an 'unknown item id' hiding the real cause.
+        errors.raise_if_any()
     table, dropped, notes = validate_interactions(interactions, catalog.index(), known_ids, errors)
     errors.raise_if_any()
     if catalog.n_items == 0:
@@ -447,6 +488,7 @@ __all__ = [
     "SourceData",
     "load_files",
     "parse_timestamp",
+    "timestamp_kind",
     "validate_interactions",
     "validate_items",
     "validate_tables",

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from karma.atomic import ensure_output_dir
 from karma.checkpoint import load_checkpoint, save_checkpoint
 from karma.config import Config, config_to_dict, load_config, save_config
 from karma.errors import DataError, KarmaError
@@ -290,6 +291,9 @@ def _train(cfg: Config, resume: bool, dist: Any) -> Path:
             f"{run_dir} already holds a run (checkpoints/last exists); pass --resume to continue "
             f"it or set train.output_dir to a new directory"
         )
+    # Claimed before any work (and before data.prepared_dir may be created inside it); never a
+    # folder of the user's own.
+    ensure_output_dir(run_dir, "train.output_dir")
 
     data = _prepare_data(cfg, dist)
     train_split = data.split("train")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from karma import backbones
+from karma.atomic import OUTPUT_MARKER
 from karma.backbones import BackboneSpec, ensure_backbone, format_backbones, load_backbone
 from karma.errors import KarmaError
 
@@ -283,10 +284,14 @@ def test_concurrent_ensure_converts_once(chunked_tiny, monkeypatch):
     assert len(calls) == 1
 
 
-def test_incomplete_directory_is_replaced(chunked_tiny, tmp_karma_home):
+def test_incomplete_directory_is_replaced_only_if_karma_wrote_it(chunked_tiny, tmp_karma_home):
     stale = tmp_karma_home / "backbones" / "tiny-gguf"
     stale.mkdir(parents=True)
-    (stale / "junk.bin").write_bytes(b"half-written")
+    (stale / "junk.bin").write_bytes(b"copied by hand")
+    with pytest.raises(KarmaError, match="tiny-gguf: not empty and not written by karma"):
+        ensure_backbone("tiny-gguf")
+    assert (stale / "junk.bin").read_bytes() == b"copied by hand"
+    (stale / OUTPUT_MARKER).write_text("")  # karma's own, without the done marker
     path = ensure_backbone("tiny-gguf")
     assert not (path / "junk.bin").exists() and (path / "karma_backbone.json").is_file()
 

@@ -98,3 +98,35 @@ def test_exponent_without_dot_is_a_float():
     assert cfg.train.lr == pytest.approx(5e-4)
     with pytest.raises(ConfigError, match="train.lr"):
         apply_overrides(Config(), ["train.lr=fast"])
+
+
+def test_yaml_key_set_twice_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 3\n  lr: 0.1\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"line 4: key 'steps' is set twice \(first at line 2\)"):
+        load_config(path)
+    path.write_text("train:\n  steps: 3\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="key 'train' is set twice"):
+        load_config(path)
+
+
+def test_config_file_problems_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not a file"):
+        load_config(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xef\xbb\xbftrain:\n  steps: 2\n")  # a byte-order mark is fine
+    assert load_config(path).train.steps == 2
+    path.write_bytes(b"train:\n  steps: 2 # \xe9\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: line 2 is not valid UTF-8 \(byte 0xe9\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["eval.ks=[]", "eval.ks=[0,10]", "eval.split=dev", "eval.index=flat", "train.steps=0",
+     "train.batch_size=0", "data.min_interactions=2", "train.device=tpu"],
+)
+def test_values_out_of_range_name_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config key '{key}': expected"):
+        apply_overrides(Config(), [override])

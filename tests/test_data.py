@@ -92,6 +92,7 @@ def test_prepared_layout_and_load_prepared(tmp_path):
     )
     out = prepare_dataset(cfg)
     assert sorted(p.name for p in out.iterdir()) == [
+        ".karma-output",
         "config.yaml",
         "items.parquet",
         "stats.json",
@@ -156,3 +157,55 @@ def test_unknown_source_and_split_names(tmp_path):
         prepare_dataset(cfg)
     with pytest.raises(DataError, match="run `karma data prepare`"):
         load_prepared(tmp_path / "missing")
+
+
+# --- the output directory never takes a user's files ------------------------------------------
+
+
+def test_prepare_into_the_folder_of_the_inputs_deletes_nothing(tmp_path, capsys):
+    """The reported data loss: data.prepared_dir = the folder holding the user's own files."""
+    mydata = tmp_path / "mydata"
+    mydata.mkdir()
+    items = write_table(mydata / "items.csv", ITEMS)
+    inter = write_table(mydata / "interactions.csv", random_interactions())
+    (mydata / "notes.txt").write_text("unrelated\n")
+    before = {p.name: p.read_bytes() for p in mydata.iterdir()}
+    argv = ["data", "prepare", "data.source=files", f"data.items_path={items}",
+            f"data.interactions_path={inter}", f"data.prepared_dir={mydata}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"karma: error: {mydata}: holds the input {items}" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in mydata.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata"]  # no temp sibling left
+
+    # Inputs elsewhere: the folder is still not karma's, so it is refused, not emptied.
+    other = tmp_path / "inputs"
+    other.mkdir()
+    argv[3:5] = [f"data.items_path={write_table(other / 'i.csv', ITEMS)}",
+                 f"data.interactions_path={write_table(other / 'x.csv', random_interactions())}"]
+    assert main(argv) == 2
+    assert "not written by karma (no .karma-output file)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in mydata.iterdir()} == before
+
+
+def test_prepare_replaces_its_own_output(tmp_path):
+    items = write_table(tmp_path / "i.csv", ITEMS)
+    cfg = _cfg(items, write_table(tmp_path / "x.csv", random_interactions(seed=1)), tmp_path / "p")
+    first = (prepare_dataset(cfg) / "train.parquet").read_bytes()
+    cfg.data.interactions_path = str(write_table(tmp_path / "y.csv", random_interactions(seed=2)))
+    out = prepare_dataset(cfg)
+    assert (out / "train.parquet").read_bytes() != first
+    assert (out / ".karma-output").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_damaged_stats_json_is_named(tmp_path):
+    cfg = _cfg(write_table(tmp_path / "i.csv", ITEMS),
+               write_table(tmp_path / "x.csv", random_interactions()), tmp_path / "p")
+    stats = prepare_dataset(cfg) / "stats.json"
+    stats.write_text(stats.read_text()[:40])
+    with pytest.raises(DataError, match=r"stats.json: damaged \(.*\); run `karma data prepare`"):
+        load_prepared(tmp_path / "p")
+    stats.write_text('{"source": "files", "users": "three"}')
+    with pytest.raises(DataError, match="key 'users' missing or of the wrong type"):
+        format_stats(tmp_path / "p")

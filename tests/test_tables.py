@@ -144,6 +144,30 @@ def test_parse_timestamp_int_and_iso():
     assert parse_timestamp("1970-01-02T00:00:00Z") == 86400
 
 
+def test_timestamps_must_fit_int64_and_not_mix_kinds(tmp_path):
+    items = [{"item_id": f"m{i}", "title": f"T{i}"} for i in range(3)]
+    inter = [{"user_id": "u", "item_id": f"m{i}", "timestamp": 10**20 if i == 1 else i}
+             for i in range(3)]
+    assert "row 2, field 'timestamp': timestamp 100000000000000000000 out of range" in _error(
+        tmp_path, items, inter
+    )
+    # ISO dates and millisecond epochs: sorting them together would scramble the history.
+    inter = [{"user_id": "u", "item_id": "m0", "timestamp": "2020-01-01"},
+             {"user_id": "u", "item_id": "m1", "timestamp": 1577923200000},
+             {"user_id": "u", "item_id": "m2", "timestamp": "2020-01-03"}]
+    for suffix in (".csv", ".jsonl"):
+        assert "field 'timestamp': mixes ISO-8601 (rows 1, 3) and integer (rows 2)" in _error(
+            tmp_path, items, inter, suffix
+        )
+
+
+def test_header_only_tables_are_named(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n")
+    write_table(tmp_path / "x.csv", [{"user_id": "u", "item_id": "m1", "timestamp": 1}])
+    with pytest.raises(DataError, match=r"i.csv: items file has no rows"):
+        load_files(tmp_path / "i.csv", tmp_path / "x.csv")
+
+
 # --- impressions -----------------------------------------------------------------------------
 
 

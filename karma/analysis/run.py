@@ -36,6 +36,7 @@ from karma.analysis.fidelity import (
     target_ranks,
     text_metrics,
 )
+from karma.atomic import ensure_output_dir
 from karma.config import Config, apply_overrides, load_config
 from karma.errors import KarmaError
 
@@ -378,8 +379,7 @@ def analyze(
 ) -> Path:
     """Analyse `checkpoint` (and `compare`, side by side); returns out_dir, which then holds
     analysis.md, analysis.json, emb_attention_heatmaps.png, sink_maps.png, layer_curves.png."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_output_dir(out_dir, "--out")
     results = [analyze_checkpoint(checkpoint, overrides)]
     if compare is not None:
         results.append(analyze_checkpoint(compare, overrides))
