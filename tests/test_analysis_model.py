@@ -19,6 +19,7 @@ from karma.analysis.collect import collect_emb_attention, eager_attention, summa
 from karma.analysis.run import load_for_analysis
 from karma.config import Config, apply_overrides
 from karma.errors import KarmaError
+from karma.inference import decode_from_embedding, encode_catalog
 
 TITLES = [
     "Toy Story",
@@ -105,7 +106,7 @@ def test_collected_attention_is_padding_invariant_and_aligned(tiny_data: Path):
     test = data.split("test")
     histories = [h[: 2 + i] for i, h in enumerate(test.histories[:4])]  # lengths 2..5
     queries = test.queries[:4]
-    catalog = model.encode_catalog(data.items.texts, progress=False)
+    catalog = encode_catalog(model, data.items.texts, progress=False)
     impl = model.base_lm.config._attn_implementation
     with eager_attention(model.base_lm):
         assert model.base_lm.config._attn_implementation == "eager"
@@ -153,7 +154,7 @@ def test_decode_round_trips_on_karma_model_overfit_to_items(tiny_data: Path):
         loss.backward()
         optimizer.step()
     model.eval()
-    decoded = F.decode_user_embeddings(model, user_emb, max_new_tokens=24)
+    decoded = decode_from_embedding(model, user_emb, max_new_tokens=24)
     assert decoded == texts
     assert F.text_metrics(decoded, texts)["exact_match"] == 1.0
 
@@ -281,7 +282,7 @@ def test_pretrained_smollm2_has_first_token_sinks():
         "Alien (1979) | Action, Horror, Sci-Fi",
         "Babe (1995) | Children's, Comedy, Drama",
     ]
-    catalog = model.encode_catalog(texts, progress=False)
+    catalog = encode_catalog(model, texts, progress=False)
     with eager_attention(model.base_lm):
         collected = collect_emb_attention(
             model,

@@ -92,7 +92,7 @@ def read_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
-    from karma.train import lr_factor
+    from karma.optim import lr_factor
 
     values = [lr_factor(s, 4, 20, 0.1) for s in range(21)]
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -195,10 +195,10 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
 def test_nan_stops_and_keeps_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import karma.model
+    import karma.objective
     from karma.train import TrainingDivergedError, train
 
-    original = karma.model.KarmaModel.forward  # calling the model == compute_losses
+    original = karma.objective.KarmaObjective.forward
     calls = {"n": 0}
 
     def poisoned(self, batch):
@@ -210,7 +210,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(
             out["loss"] = out["loss"] + out["gen_loss"]
         return out
 
-    monkeypatch.setattr(karma.model.KarmaModel, "forward", poisoned)
+    monkeypatch.setattr(karma.objective.KarmaObjective, "forward", poisoned)
     cfg = tiny_config(tmp_path, "loss.preset=karma", "train.steps=6", "train.save_every=2")
     with pytest.raises(TrainingDivergedError, match=r"step 4: .*gen_loss=nan") as err:
         train(cfg)
@@ -325,10 +325,11 @@ if __name__ == "__main__":
 
 def test_monitor_logs_sink_rate_and_fidelity(tmp_path):
     """train.monitor_every > 0: the probe's attention and fidelity figures land in log.jsonl."""
+    from karma.analysis import SinkMonitor
     from karma.train import train
 
     cfg = tiny_config(tmp_path, "train.steps=4", "train.monitor_every=2")
-    run_dir = train(cfg)
+    run_dir = train(cfg, monitor=SinkMonitor.from_config)
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     probed = [r for r in rows if "monitor/sink_rate_first_emb" in r]
     assert [r["step"] for r in probed] == [2, 4]

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from karma.analysis.collect import collect_emb_attention, eager_attention, summarize_attention
-from karma.analysis.fidelity import decode_user_embeddings, text_metrics
+from karma.analysis.fidelity import text_metrics
+from karma.inference import decode_from_embedding, encode_catalog, encode_users
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def probe(
     was_training = model.training
     model.eval()
     try:
-        catalog = model.encode_catalog(probe_batch.item_texts, progress=False)
+        catalog = encode_catalog(model, probe_batch.item_texts, progress=False)
         with eager_attention(model.base_lm):
             attention = collect_emb_attention(
                 model,
@@ -103,10 +104,11 @@ def probe(
         summary = summarize_attention(attention, eps=eps)
         out = {k: float(summary[k]) for k in SUMMARY_KEYS}
         if decode:
-            user_emb = model.encode_users(
+            user_emb = encode_users(
+                model,
                 probe_batch.histories, probe_batch.queries, catalog, probe_batch.item_texts
             )
-            decoded = decode_user_embeddings(model, user_emb, max_new_tokens=max_new_tokens)
+            decoded = decode_from_embedding(model, user_emb, max_new_tokens=max_new_tokens)
             targets = [probe_batch.item_texts[t] for t in probe_batch.targets]
             scores = text_metrics(decoded, targets, probe_batch.target_categories)
             out.update({f"fidelity_{k}": v for k, v in scores.items()})
