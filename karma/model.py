@@ -117,12 +117,12 @@ class KarmaModel(nn.Module):
             self.image_head = nn.Sequential(
                 nn.Linear(k, d), nn.GELU(), nn.Linear(d, mcfg.image_dim)
             )  # g
-        # h_i of every item for history_source=cache; empty until refresh_history_cache().
+        # h_i of every item for history_source=cache; empty until karma.inference fills it.
         self.register_buffer("history_cache", torch.zeros(0, d))
         self.register_load_state_dict_pre_hook(_resize_history_cache)
 
         self.backbone = self._prepare_backbone(backbone)
-        # Like Hugging Face's from_pretrained: eval mode; the train loop calls model.train().
+        # Like Hugging Face's from_pretrained: eval mode; training calls objective.train().
         self.eval()
 
     # ---- construction helpers ---------------------------------------------------------------

@@ -136,6 +136,34 @@ def test_golden_five_steps(tmp_path: Path) -> None:
     assert set(summary["final_losses"]) >= {"loss", "act_loss", "gen_loss", "rec_loss"}
 
 
+def test_train_step_called_directly_gives_the_loops_first_step(tmp_path: Path) -> None:
+    """train_step outside the loop (as benchmarks/step_cost.py calls it) is the loop's step."""
+    from karma.batching import BatchBuilder
+    from karma.data import load_or_prepare
+    from karma.model import build_model
+    from karma.objective import KarmaObjective
+    from karma.optim import build_optimizer, build_scheduler
+    from karma.train import _batch_generator, batch_indices, train_step
+
+    cfg = tiny_config(tmp_path, "loss.preset=karma")
+    data = load_or_prepare(cfg)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    objective = KarmaObjective(build_model(cfg), cfg.loss).train()
+    optimizer = build_optimizer(objective, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    builder = BatchBuilder(objective.model.tokenizer, data.items, cfg, seed=cfg.train.seed)
+    train_split = data.split("train")
+    idx = batch_indices(len(train_split), 0, 0, 1, cfg.train.batch_size, 0, 1, cfg.train.seed)
+    batch = builder(train_split, idx, generator=_batch_generator(cfg.train.seed, 0, 0, 0))
+    before = objective.model.user_proj.weight.detach().clone()
+    stats = train_step(objective, optimizer, scheduler, lambda micro: batch, clip_norm=1.0)
+    assert list(stats)[:1] == ["loss"] and {"grad_norm", "temperature", "rec_loss"} <= set(stats)
+    assert stats["loss"] == pytest.approx(GOLDEN_LOSSES[0], abs=GOLDEN_TOL)
+    assert not torch.equal(before, objective.model.user_proj.weight)
+    assert all(p.grad is None for p in objective.parameters())
+
+
 @pytest.mark.parametrize("history_source", ["live", "cache"])
 def test_resume_is_bit_for_bit(tmp_path: Path, history_source: str) -> None:
     from karma.train import train
