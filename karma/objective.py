@@ -42,8 +42,8 @@ class KarmaObjective(nn.Module):
             raise ConfigError(
                 f"loss.preset={cfg.preset} regresses image features but model.image_dim is 0"
             )
-        # Registered before the loss modules: the parameter order (and so the order of the
-        # optimizer groups and of the gradient-norm sum) stays model first, temperature last.
+        # Registered before the loss modules, so the temperature comes after every head in the
+        # optimizer's head groups, as it did when it lived in the model (same AdamW state order).
         self.model = model
         self.action_loss = ActionLoss(
             cfg.temperature,
@@ -55,14 +55,6 @@ class KarmaObjective(nn.Module):
         )
         self.token_loss = TokenCrossEntropy()
         self._freeze_unused_heads()
-
-    @property
-    def rank(self) -> int:
-        return self.action_loss.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.action_loss.world_size
 
     def _freeze_unused_heads(self) -> None:
         model = self.model

@@ -160,7 +160,10 @@ def test_decode_round_trips_on_karma_model_overfit_to_items(tiny_data: Path):
 
 
 def test_fit_reconstruction_head_trains_only_r_and_restores_flags(tiny_data: Path):
+    from karma.objective import KarmaObjective
+
     model, _ = tiny_model(tiny_data, preset="action_only")
+    KarmaObjective(model, model.cfg.loss)  # freezes R, as training action_only does
     assert not model.rec_head[0].weight.requires_grad  # frozen by the action_only preset
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -254,6 +257,9 @@ def test_analyze_end_to_end_compares_two_checkpoints(tiny_data: Path, tmp_path: 
         assert 0 <= r["fidelity"]["token_f1"] <= 1
         assert 1 <= r["fidelity"]["text_query_rank_median"] <= len(TITLES)
         assert len(r["maps"]["history_scores"]) == 2
+    # the same overrides as `karma eval`: the trained model and loss are fixed by the weights
+    with pytest.raises(KarmaError, match="'model.emb_dim' is fixed"):
+        load_for_analysis(tmp_path / "karma", ["model.emb_dim=8"])
 
 
 def test_load_for_analysis_rejects_missing_checkpoint(tmp_path: Path):
