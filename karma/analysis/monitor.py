@@ -1,12 +1,12 @@
 """Training-time probe: attention-sink and fidelity numbers of a small fixed set of users.
 
-The train loop builds one monitor and calls it every step (it acts every `every` steps), on rank
-0 only, with the unwrapped model (no DDP forward, no collectives, no RNG drawn):
+It is handed to the train loop as a factory, `train(cfg, monitor=SinkMonitor.from_config)` (the
+CLI does so when train.monitor_every > 0); the loop builds one monitor on rank 0 and calls it every
+step (it acts every `every` steps) with the unwrapped model (no DDP forward, no collectives, no
+RNG drawn):
 
     monitor = SinkMonitor.from_config(cfg, prepared)   # cfg.train.monitor_every=0: no-op
-    ...
-    if dist.is_main:
-        record.update(monitor(unwrap_model(model), step) or {})
+    record.update(monitor(model, step) or {})
 
     probe(model, probe_batch)  # -> {"sink_rate_first": ..., "emb_to_first_mass": ...,
                                #     "fidelity_token_f1": ..., ...}
