@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from karma.checkpoint import load_model
 from karma.data import load_prepared
+from karma.inference import encode_catalog, encode_users
 from karma.metrics import compute_metrics, rank_with_mask
 from karma.report import device_name
 
@@ -35,7 +36,7 @@ def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
 
 
 def retrieval(model, catalog, histories, examples, texts) -> dict[str, float]:
-    user_emb = model.encode_users(histories, examples.queries, catalog, texts, batch_size=64)
+    user_emb = encode_users(model, histories, examples.queries, catalog, texts, batch_size=64)
     scores = (user_emb @ catalog.item_emb.T).numpy()
     top_scores, top_ids = rank_with_mask(scores, 11, seen=examples.seen, targets=examples.targets)
     return compute_metrics(top_ids, examples.targets, [10], scores=top_scores)
@@ -57,7 +58,7 @@ def main() -> None:
     test = data.split("test")
     texts = list(data.items.texts)
     with torch.no_grad():
-        catalog = model.encode_catalog(texts, batch_size=128)
+        catalog = encode_catalog(model, texts, batch_size=128)
         perm = np.random.default_rng(0).permutation(len(test))
         own = retrieval(model, catalog, test.histories, test, texts)
         other = retrieval(model, catalog, [test.histories[j] for j in perm], test, texts)

@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/step_cost.py --out benchmarks/results/step_cost_cpu.md
     .venv/bin/python benchmarks/step_cost.py --set model.lora=true --out /tmp/step_cost_lora.md
 
-For each backbone and preset, one training step exactly as `karma.train` runs it on CPU: forward
-(`model(batch)` == compute_losses), backward, gradient clipping, AdamW step, zero_grad. Every
+For each backbone and preset, one training step as `karma.train` runs it on CPU: the loop's own
+`karma.train.train_step` (forward of the KarmaObjective, backward, gradient clipping, the
+non-finite check, AdamW step, zero_grad), without a schedule. Every
 preset sees the SAME examples (a fixed seeded sample of ML-100K train rows, the debug dataset of
 configs/debug.yaml), the same batch size and the same model config; batches are built before the
 clock starts (batch building is reported separately). Each figure is the median over the timed
@@ -38,8 +39,10 @@ from karma.batching import BatchBuilder
 from karma.config import Config, load_config
 from karma.data import load_prepared, prepare_dataset
 from karma.model import build_model
+from karma.objective import KarmaObjective
+from karma.optim import build_optimizer
 from karma.report import cpu_name
-from karma.train import build_optimizer
+from karma.train import train_step
 
 PRESETS = ("action_only", "gen", "rec", "karma")
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,13 +73,14 @@ def measure(backbone: str, preset: str, rows: list[np.ndarray], args: argparse.N
     train_split = data.split("train")
     torch.manual_seed(0)
     model = build_model(cfg)
-    model.train()
-    optimizer = build_optimizer(model, cfg)
+    objective = KarmaObjective(model, cfg.loss)
+    objective.train()
+    optimizer = build_optimizer(objective, cfg)
     builder = BatchBuilder(model.tokenizer, data.items, cfg, seed=0)
     t0 = time.perf_counter()
     batches = [builder(train_split, idx) for idx in rows]
     build_s = (time.perf_counter() - t0) / len(batches)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in objective.parameters() if p.requires_grad]
     if cfg.model.history_source == "cache":
         # The step reads the cache, never refreshes it; its values do not change the cost, so a
         # zero cache stands in for the (minutes-long on CPU) catalog pass of a real backbone.
@@ -87,11 +91,8 @@ def measure(backbone: str, preset: str, rows: list[np.ndarray], args: argparse.N
     for i in range(args.warmup + repeats):
         batch = batches[i % len(batches)]
         w0, c0 = time.perf_counter(), time.process_time()
-        out = model(batch)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(objective, optimizer, None, lambda micro, b=batch: b,
+                   clip_norm=cfg.train.clip_norm)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         if i >= args.warmup:
             walls.append(wall)
@@ -114,7 +115,7 @@ def measure(backbone: str, preset: str, rows: list[np.ndarray], args: argparse.N
         "tokens": tokens,
         "trainable": sum(p.numel() for p in params),
     }
-    del model, optimizer, batches
+    del model, objective, optimizer, batches
     gc.collect()
     return result
 

@@ -1,7 +1,8 @@
 """Prompt layout and training batches: token ids for the item tower, the user tower and L_rec.
 
 The layout of every sequence the LLM reads is defined here once (`PromptFormat`) and shared by
-training (`BatchBuilder`) and inference (`KarmaModel.encode_catalog` / `encode_users`):
+training (`BatchBuilder`) and inference (`karma.inference`); `collate_user_prompts` pads the user
+prompts of a batch for both:
 
     item:  <bos> [<IMG>] {item text} <ITEM>
     user:  <bos> Query: {query} History: <HIST> ... <HIST> <EMB> [ Next: {target text}<eos>]
@@ -12,7 +13,7 @@ training (`BatchBuilder`) and inference (`KarmaModel.encode_catalog` / `encode_u
 P_h(h_i), the image projection and R(u). "Query:" is left out when the query is "".
 
     builder = BatchBuilder(model.tokenizer, prepared.items, cfg, seed=cfg.train.seed + rank)
-    batch = builder(prepared.split("train"), indices)   # dict[str, Tensor] for compute_losses
+    batch = builder(prepared.split("train"), indices)   # dict[str, Tensor] for KarmaObjective
 """
 
 from __future__ import annotations
@@ -156,8 +157,52 @@ class PromptFormat:
         return [self.rec_id] * m + list(target_ids), [IGNORE_INDEX] * m + list(target_ids)
 
 
+def collate_user_prompts(
+    prompt: PromptFormat,
+    histories: Sequence[Sequence[int]],
+    queries: Sequence[str | None],
+    history_texts: Sequence[Sequence[str]] | None = None,
+    target_ids: Sequence[Sequence[int]] | None = None,
+    padding_side: str = "right",
+) -> dict[str, torch.Tensor]:
+    """User prompts of a batch, padded: the one collation training and inference share.
+
+    `history_texts` (one list of item texts per user) selects the text interface, else each
+    history item is one <HIST> placeholder. With `target_ids`, " Next: {target}<eos>" follows
+    <EMB> and `labels` (B, T) is returned too. Returns input_ids, attention_mask (B, T),
+    emb_positions (B,), history_positions (B, n) (-1 padded) and first_positions (B,) (<bos>),
+    positions already shifted by the padding.
+    """
+    seqs, hist_pos, emb_pos, labels = [], [], [], []
+    for b, (hist, query) in enumerate(zip(histories, queries)):
+        texts = history_texts[b] if history_texts is not None else None
+        target = target_ids[b] if target_ids is not None else None
+        ids, pos, e, lab = prompt.user(
+            query or "", n_history=len(hist), history_texts=texts, target_ids=target
+        )
+        seqs.append(ids)
+        hist_pos.append(pos)
+        emb_pos.append(e)
+        labels.append(lab)
+    ids, mask, shift = pad_sequences(seqs, prompt.pad_id, padding_side)
+    n = max((len(p) for p in hist_pos), default=0)
+    history_positions = torch.full((len(seqs), n), -1, dtype=torch.long)
+    for b, pos in enumerate(hist_pos):
+        history_positions[b, : len(pos)] = torch.tensor(pos, dtype=torch.long) + shift[b]
+    out = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "emb_positions": torch.tensor(emb_pos, dtype=torch.long) + shift,
+        "history_positions": history_positions,
+        "first_positions": shift,
+    }
+    if target_ids is not None:
+        out["labels"], _, _ = pad_sequences(labels, IGNORE_INDEX, padding_side)
+    return out
+
+
 class BatchBuilder:
-    """Turns examples into the tensors `KarmaModel.compute_losses` reads.
+    """Turns examples into the tensors `karma.objective.KarmaObjective` reads.
 
     `items` is a `karma.data.ItemTable` (uses `texts`, `n_items`); `examples` a
     `karma.data.Examples` (uses `histories`, `targets`, `queries`, `impressions`).
@@ -288,23 +333,21 @@ class BatchBuilder:
 
         use_targets = self.lambda_gen > 0 or self.lambda_rec > 0
         target_ids = [prompt.target(self.items.texts[t]) for t in targets] if use_targets else None
-        user_seqs, emb_pos, labels = [], [], []
-        for b, (hist, query) in enumerate(zip(histories, queries)):
-            gen_target = target_ids[b] if self.lambda_gen > 0 else None
-            if continuous:
-                ids, _, pos, lab = prompt.user(query, n_history=len(hist), target_ids=gen_target)
-            else:
-                texts = [self.items.texts[i] for i in hist]
-                ids, _, pos, lab = prompt.user(query, history_texts=texts, target_ids=gen_target)
-            user_seqs.append(ids)
-            emb_pos.append(pos)
-            labels.append(lab)
-        user_ids, user_mask, shift = pad_sequences(user_seqs, prompt.pad_id, self.padding_side)
-        batch["user_input_ids"] = user_ids
-        batch["user_attention_mask"] = user_mask
-        batch["emb_positions"] = torch.tensor(emb_pos, dtype=torch.long) + shift
+        texts = self.items.texts
+        history_texts = None if continuous else [[texts[i] for i in h] for h in histories]
+        user = collate_user_prompts(
+            prompt,
+            histories,
+            queries,
+            history_texts,
+            target_ids=target_ids if self.lambda_gen > 0 else None,
+            padding_side=self.padding_side,
+        )
+        batch["user_input_ids"] = user["input_ids"]
+        batch["user_attention_mask"] = user["attention_mask"]
+        batch["emb_positions"] = user["emb_positions"]
         if self.lambda_gen > 0:
-            batch["user_labels"], _, _ = pad_sequences(labels, IGNORE_INDEX, self.padding_side)
+            batch["user_labels"] = user["labels"]
         if continuous:
             n = max((len(h) for h in histories), default=0)
             hist_items = torch.full((len(rows), n), -1, dtype=torch.long)

@@ -2,16 +2,21 @@
 
 A checkpoint is a directory:
 
-    model.safetensors   every tensor of the (unwrapped) KarmaModel's state_dict
-    state.pt            step, optimizer, scheduler, RNG states (python, numpy, torch, cuda) and
-                        extra; plain containers and tensors only (`torch.load(weights_only=True)`)
+    model.safetensors   every tensor of the (unwrapped) KarmaModel's state_dict: all that
+                        inference needs
+    state.pt            step, optimizer, scheduler, RNG states (python, numpy, torch, cuda), the
+                        training objective's own tensors (the temperature) and extra; plain
+                        containers and tensors only (`torch.load(weights_only=True)`)
     config.yaml         the resolved config the model was built from
 
 Usage:
 
-    save_checkpoint(run_dir / "checkpoints/last", model, optimizer, scheduler, step, cfg, extra)
-    state = load_checkpoint(run_dir / "checkpoints/last", model, optimizer, scheduler)  # resume
-    model, cfg = load_model(run_dir / "checkpoints/best")                               # evaluate
+    save_checkpoint(ckpt_dir, model, optimizer, scheduler, step, cfg, extra, objective=objective)
+    state = load_checkpoint(ckpt_dir, model, optimizer, scheduler, objective=objective)  # resume
+    model, cfg = load_model(ckpt_dir, overrides=["eval.split=valid"])    # eval, export, analyze
+
+This module is the one save / load path for karma weights: training, evaluation, export, analysis
+and serving all go through it.
 
 Saving writes everything into a sibling `<name>.tmp-<pid>` directory and renames it into place, so
 a crash mid-save never leaves a half-written checkpoint where a reader looks: either the old
@@ -25,6 +30,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as _load_safetensors_model
 from safetensors.torch import save_model as _save_safetensors_model
 
-from karma.config import Config, load_config, save_config
+from karma.config import Config, apply_overrides, load_config, save_config
 from karma.errors import KarmaError
 
 if TYPE_CHECKING:
@@ -43,7 +49,10 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
-FORMAT_VERSION = 1
+# 2: the temperature moved from model.safetensors to state.pt with the training objective.
+FORMAT_VERSION = 2
+# A trained checkpoint's weights fix these sections; every other key may be overridden.
+FIXED_SECTIONS = ("model", "loss")
 
 
 class CheckpointError(KarmaError):
@@ -130,11 +139,14 @@ def save_checkpoint(
     step: int,
     config: Config,
     extra: dict[str, Any] | None = None,
+    objective: torch.nn.Module | None = None,
 ) -> Path:
     """Write model, optimizer, scheduler, step, RNG states and config to `ckpt_dir` atomically.
 
     `extra` must hold only weights_only-safe values (str, int, float, bool, None, lists, dicts,
     tensors); the training loop keeps its best validation score and log state there.
+    `objective` (a `karma.objective.KarmaObjective`, possibly DDP-wrapped): its tensors outside
+    the model (the learnable temperature) go to state.pt.
     """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +160,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": get_rng_state(),
+        "objective": _objective_state(objective) if objective is not None else {},
         "extra": extra or {},
     }
     try:
@@ -175,6 +188,12 @@ def save_checkpoint(
         for stale in ckpt_dir.parent.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)
     return ckpt_dir
+
+
+def _objective_state(objective: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The objective's tensors that are not the model's (those go to model.safetensors)."""
+    state = unwrap_model(objective).state_dict()
+    return {k: v for k, v in state.items() if not k.startswith("model.")}
 
 
 def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -217,10 +236,27 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
     restore_rng: bool = True,
+    objective: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Restore a run from `ckpt_dir` in place; returns {"step", "extra"} of the saved state."""
     state = read_state(ckpt_dir)
     load_weights(ckpt_dir, model)
+    if objective is not None:
+        path = Path(ckpt_dir) / STATE_FILE
+        if state.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: checkpoint format {state.get('format_version')}, this karma reads "
+                f"{FORMAT_VERSION} (the temperature moved to state.pt); retrain to resume"
+            )
+        missing, unexpected = unwrap_model(objective).load_state_dict(
+            state["objective"], strict=False
+        )
+        missing = [k for k in missing if not k.startswith("model.")]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: objective state does not match: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
     if optimizer is not None:
         if state["optimizer"] is None:
             raise CheckpointError(f"{Path(ckpt_dir) / STATE_FILE}: key 'optimizer' is empty")
@@ -232,10 +268,37 @@ def load_checkpoint(
     return {"step": int(state["step"]), "extra": state["extra"]}
 
 
+def apply_checkpoint_overrides(cfg: Config, overrides: Sequence[str] | None) -> Config:
+    """`cfg` with dotted overrides applied, refusing keys the trained weights fix.
+
+    model.* and loss.* describe what was trained; every other section (eval, data, analysis,
+    serve, train.device, ...) may change when a checkpoint is evaluated, exported or analyzed.
+    """
+    overrides = list(overrides or [])
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key.split(".", 1)[0] in FIXED_SECTIONS:
+            raise KarmaError(
+                f"override '{text}': config key '{key}' is fixed by the checkpoint's weights "
+                f"({' and '.join(s + '.*' for s in FIXED_SECTIONS)} cannot change after "
+                "training); only other keys such as eval.*, data.*, analysis.* or train.device "
+                "can be overridden"
+            )
+    return apply_overrides(cfg, overrides)
+
+
 def load_model(
-    ckpt_dir: str | Path, device: str | torch.device = "cpu"
+    ckpt_dir: str | Path,
+    overrides: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[KarmaModel, Config]:
-    """Rebuild the model from the checkpoint's config.yaml, load its weights, eval mode."""
+    """Rebuild the model from the checkpoint's config.yaml, load its weights, eval mode.
+
+    `overrides` go through `apply_checkpoint_overrides`. The device is `device` when given, else
+    `train.device` when the overrides set it, else "auto" (CUDA when available): the device a
+    model was trained on says nothing about where it is evaluated.
+    """
+    from karma.distributed import resolve_device
     from karma.model import build_model
 
     ckpt_dir = Path(ckpt_dir)
@@ -243,7 +306,10 @@ def load_model(
     config_path = ckpt_dir / CONFIG_FILE
     if not config_path.exists():
         raise CheckpointError(f"{config_path}: no such file (not a karma checkpoint directory?)")
-    cfg = load_config(config_path)
+    cfg = apply_checkpoint_overrides(load_config(config_path), overrides)
+    if device is None:
+        asked = any(o.split("=", 1)[0].strip() == "train.device" for o in overrides or [])
+        device = resolve_device(cfg.train.device if asked else "auto")
     model = build_model(cfg).to(device)
     load_weights(ckpt_dir, model)
     model.eval()

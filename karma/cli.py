@@ -56,7 +56,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from karma.train import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    monitor = None
+    if cfg.train.monitor_every > 0:
+        from karma.analysis import SinkMonitor
+
+        monitor = SinkMonitor.from_config
+    train(cfg, resume=args.resume, monitor=monitor)
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from karma.atomic import write_text_atomic
 from karma.errors import KarmaError, utf8_error
 
 
@@ -353,9 +354,5 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved config as YAML, atomically (karma.atomic)."""
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

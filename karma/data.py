@@ -28,7 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from karma.atomic import check_output_dir, replace_dir, write_json_atomic
-from karma.config import Config, ConfigError, DataConfig, save_config
+from karma.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    config_to_dict,
+    load_config,
+    save_config,
+)
 from karma.errors import DataError, KarmaError
 from karma.split import QUERY_MODES, SPLITS, Examples, protocol_line, split_leave_one_out
 from karma.tables import ItemTable, SourceData, load_files
@@ -308,6 +315,46 @@ def read_stats(dir: str | Path) -> dict[str, Any]:
                 "run `karma data prepare` again"
             )
     return stats
+
+
+# Keys that define the split protocol: a prepared directory made with other values is refused.
+PROTOCOL_KEYS = ("query_mode", "max_history", "min_interactions")
+
+
+def load_or_prepare(cfg: Config, is_main: bool = True) -> PreparedData:
+    """The prepared dataset of `cfg.data.prepared_dir`, prepared first when it is missing: the one
+    rule train, eval, export, analyze and the baselines follow.
+
+    Under DDP only rank 0 (`is_main`) prepares; the others wait at a barrier. A directory
+    prepared with other protocol settings (`PROTOCOL_KEYS`, read from stats.json) is an error,
+    since it would silently change the protocol; other differing data settings are reported.
+    """
+    from karma import distributed
+
+    prepared = Path(cfg.data.prepared_dir)
+    if not (prepared / "stats.json").is_file():
+        if is_main:
+            print(f"prepared dataset not found at {prepared}; preparing it")
+            prepare_dataset(cfg)
+        distributed.barrier()
+    data = load_prepared(prepared)
+    for key in PROTOCOL_KEYS:
+        if key in data.stats and data.stats[key] != getattr(cfg.data, key):
+            raise KarmaError(
+                f"{prepared / 'stats.json'}: prepared with {key}={data.stats[key]!r} but the "
+                f"config says data.{key}={getattr(cfg.data, key)!r}; point data.prepared_dir "
+                "elsewhere or re-run `karma data prepare`"
+            )
+    if is_main and (prepared / "config.yaml").is_file():
+        old = config_to_dict(load_config(prepared / "config.yaml"))["data"]
+        new = config_to_dict(cfg)["data"]
+        diffs = [f"data.{k}: {old[k]!r} (prepared) vs {new[k]!r}" for k in new if old[k] != new[k]]
+        if diffs:
+            print(
+                f"warning: {prepared} was prepared with other data settings ({'; '.join(diffs)}); "
+                f"using it as is -- run `karma data prepare` or set data.prepared_dir to change it"
+            )
+    return data
 
 
 def format_stats(dir: str | Path) -> str:

@@ -4,7 +4,8 @@ The same code runs as one process or under torchrun: `init_distributed()` reads 
 environment (RANK, WORLD_SIZE, LOCAL_RANK) and falls back to a single process when RANK is unset.
 
     dist_info = init_distributed()                 # gloo on CPU, nccl on CUDA
-    model = build_model(cfg, rank=dist_info.rank, world_size=dist_info.world_size)
+    device = resolve_device("auto")                # the device rule of single-process commands
+    objective = KarmaObjective(model, cfg.loss, dist_info.rank, dist_info.world_size)
     item_emb = gather_with_grad(item_emb)          # (sum_r N_r, k), gradients flow to every rank
     val = all_reduce_mean(torch.tensor(metric))
     cleanup()
@@ -34,19 +35,26 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """The one device rule: "auto" is CUDA when available, else CPU; "cpu"; "cuda" (the current
+    CUDA device, an error when there is none)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise KarmaError("train.device=cuda: CUDA is not available here; use cpu or auto")
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes, or describe a single process if RANK is unset.
 
     `device` is "auto" (CUDA when available), "cpu" or "cuda". The backend follows the device:
     nccl for CUDA, gloo for CPU.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise KarmaError("train.device=cuda: CUDA is not available here; use cpu or auto")
+    dev = resolve_device(device)
+    use_cuda = dev.type == "cuda"
     if "RANK" not in os.environ:
-        dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         return DistInfo(rank=0, world_size=1, local_rank=0, is_main=True, device=dev)
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])

@@ -31,27 +31,45 @@ from typing import Any
 import numpy as np
 import torch
 
-from karma.atomic import ensure_output_dir
-from karma.config import Config, apply_overrides, config_to_dict
+from karma.atomic import ensure_output_dir, write_json_atomic
+from karma.config import Config, config_to_dict
 from karma.errors import KarmaError
 from karma.index import build_index, search, torch_topk_search
 from karma.metrics import compute_metrics, rank_with_mask
 
+VAL_KS = (10,)  # what the training loop's validation reports
 TIE_BREAK = "pessimistic (target ranked after every item with an equal score)"
 MASKING = "masked = seen items removed except the target; unmasked = nothing removed"
 
 
-def _eval_overrides(cfg: Config, overrides: Sequence[str] | None) -> Config:
-    """Apply `eval.*` / `data.*` overrides; other sections would no longer match the weights."""
-    overrides = list(overrides or [])
-    for text in overrides:
-        key = text.split("=", 1)[0]
-        if key.split(".", 1)[0] not in ("eval", "data"):
-            raise KarmaError(
-                f"override '{text}': only eval.* and data.* can be changed when evaluating a "
-                "checkpoint (the model config is fixed by its weights)"
-            )
-    return apply_overrides(cfg, overrides)
+@torch.no_grad()
+def validate(model: torch.nn.Module, data: Any, rows: np.ndarray, cfg: Config) -> dict[str, float]:
+    """Periodic validation of the training loop: HR@10 / NDCG@10 / MRR@10 of `rows` of the
+    valid split, exact dot product over the full catalog (no index to build).
+
+    Items the user saw before the target are masked when eval.mask_history is set (the target
+    itself never is), with karma.metrics' pessimistic tie rule.
+    """
+    from karma.inference import encode_catalog, encode_users
+
+    was_training = model.training
+    model.eval()
+    valid = data.split("valid")
+    item_texts = list(data.items.texts)
+    histories = [list(valid.histories[i]) for i in rows]
+    queries = [valid.queries[i] for i in rows]
+    targets = np.asarray(valid.targets)[rows].astype(np.int64)
+    seen = [list(valid.seen[i]) for i in rows] if cfg.eval.mask_history else None
+    catalog = encode_catalog(model, item_texts, batch_size=cfg.eval.batch_size)
+    user_emb = encode_users(
+        model, histories, queries, catalog, item_texts, batch_size=cfg.eval.batch_size
+    )  # (U, k)
+    item_emb = torch.as_tensor(catalog.item_emb).float().cpu()  # (N, k)
+    scores = torch.as_tensor(user_emb).float().cpu() @ item_emb.T  # (U, N)
+    # one more than max(K) so that the tie rule is exact at K (see karma.metrics)
+    top_scores, top_ids = rank_with_mask(scores, max(VAL_KS) + 1, seen=seen, targets=targets)
+    model.train(was_training)
+    return compute_metrics(top_ids, targets, VAL_KS, scores=top_scores)
 
 
 def select_users(examples: Any, max_users: int, seed: int = 0) -> Any:
@@ -289,12 +307,10 @@ def format_metrics_table(
 def _load_for_eval(checkpoint: str | Path, overrides: Sequence[str] | None):
     """(model, cfg, prepared data, examples of cfg.eval.split) for a checkpoint."""
     from karma.checkpoint import load_model
-    from karma.data import load_prepared
+    from karma.data import load_or_prepare
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg = load_model(checkpoint, device=device)
-    cfg = _eval_overrides(cfg, overrides)
-    data = load_prepared(cfg.data.prepared_dir)
+    model, cfg = load_model(checkpoint, overrides)
+    data = load_or_prepare(cfg)
     if cfg.eval.split not in ("train", "valid", "test"):
         raise KarmaError(f"eval.split: expected train, valid or test, got '{cfg.eval.split}'")
     examples = data.split(cfg.eval.split)
@@ -302,11 +318,12 @@ def _load_for_eval(checkpoint: str | Path, overrides: Sequence[str] | None):
 
 
 def _encode(model: Any, data: Any, examples: Any, batch_size: int) -> tuple[Any, np.ndarray]:
-    with torch.no_grad():
-        catalog = model.encode_catalog(data.items.texts, batch_size=batch_size)
-        user_emb = model.encode_users(
-            examples.histories, examples.queries, catalog, data.items.texts, batch_size=batch_size
-        )
+    from karma.inference import encode_catalog, encode_users
+
+    catalog = encode_catalog(model, data.items.texts, batch_size=batch_size)
+    user_emb = encode_users(
+        model, examples.histories, examples.queries, catalog, data.items.texts, batch_size
+    )
     return catalog, np.asarray(torch.as_tensor(user_emb).float().cpu(), dtype=np.float32)
 
 
@@ -317,8 +334,9 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Encode the catalog and the users of `eval.split`, rank the full catalog, write metrics.json.
 
-    overrides: `eval.*` / `data.*` dotted overrides (e.g. `eval.split=valid`,
-    `data.prepared_dir=runs/data/ml-100k-noquery`). out_dir defaults to the checkpoint directory.
+    overrides: dotted overrides a trained checkpoint allows (`karma.checkpoint.load_model`, e.g.
+    `eval.split=valid`, `data.prepared_dir=runs/data/ml-100k-noquery`). out_dir defaults to the
+    checkpoint directory.
     """
     checkpoint = Path(checkpoint)
     model, cfg, data, examples = _load_for_eval(checkpoint, overrides)
@@ -338,10 +356,7 @@ def evaluate_checkpoint(
     results = evaluate_embeddings(user_emb, np.asarray(catalog.item_emb), examples, cfg, protocol)
     results["config"] = {"eval": config_to_dict(cfg)["eval"], "data": config_to_dict(cfg)["data"]}
     out = Path(out_dir) if out_dir is not None else checkpoint
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "metrics.json")
+    write_json_atomic(out / "metrics.json", results)
     print(f"metrics written to {out / 'metrics.json'}")
     return results
 

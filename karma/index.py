@@ -278,9 +278,10 @@ def torch_topk_search(
     sets B when `batch_size` is None. device: None = CUDA when available, else CPU.
     Returns float32 scores (U, k) and int64 rows (U, k) on the CPU, padded with -inf / -1.
     """
-    from karma.metrics import mask_seen_
+    from karma.distributed import resolve_device
+    from karma.metrics import top_k_masked
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device is not None else resolve_device("auto")
     items = torch.as_tensor(_as_float32(item_emb, "item_emb")).to(device)  # (N, d)
     queries_np = _as_float32(queries, "queries")
     if queries_np.shape[1] != items.shape[1]:
@@ -288,7 +289,6 @@ def torch_topk_search(
     if exclude is not None and len(exclude) != len(queries_np):
         raise KarmaError(f"exclude has {len(exclude)} lists for {len(queries_np)} queries")
     n_items = items.shape[0]
-    k_top = min(k, n_items)
     batch_size = batch_size or max(1, max_block_elements // n_items)
     all_scores = np.full((len(queries_np), k), -np.inf, dtype=np.float32)
     all_ids = np.full((len(queries_np), k), -1, dtype=np.int64)
@@ -297,11 +297,8 @@ def torch_topk_search(
         for start in tqdm(starts, desc="search torch", unit="batch", disable=not show_progress):
             stop = min(start + batch_size, len(queries_np))
             q = torch.from_numpy(queries_np[start:stop]).to(device)  # (B, d)
-            scores = q @ items.T  # (B, N)
-            if exclude is not None:
-                mask_seen_(scores, exclude[start:stop])
-            top_scores, top_ids = scores.topk(k_top, dim=1)  # (B, k_top)
-            top_ids = torch.where(torch.isneginf(top_scores), -1, top_ids)
-            all_scores[start:stop, :k_top] = top_scores.cpu().numpy()
-            all_ids[start:stop, :k_top] = top_ids.cpu().numpy()
+            seen = exclude[start:stop] if exclude is not None else None
+            top_scores, top_ids = top_k_masked(q @ items.T, k, seen)  # (B, k)
+            all_scores[start:stop] = top_scores.cpu().numpy()
+            all_ids[start:stop] = top_ids.cpu().numpy()
     return all_scores, all_ids

@@ -108,26 +108,38 @@ def mask_seen_(
     return scores
 
 
+def top_k_masked(
+    scores: torch.Tensor,
+    k: int,
+    seen: Sequence[Sequence[int]] | None = None,
+    targets: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (scores, ids) per row of a dense (U, N) score tensor, seen items masked in place.
+
+    The one exact ranking rule (`rank_with_mask` on CPU, `karma.index.torch_topk_search` block by
+    block on any device): masked items never appear, rows with fewer than k valid entries are
+    padded with id -1 and score -inf (FAISS's convention). Results stay on `scores`' device.
+    """
+    if seen is not None:
+        mask_seen_(scores, seen, targets)
+    top_scores, top_ids = scores.topk(min(k, scores.shape[1]), dim=1)  # (U, min(k, N))
+    top_ids = torch.where(torch.isneginf(top_scores), -1, top_ids)
+    pad = k - top_ids.shape[1]
+    if pad > 0:
+        top_scores = torch.nn.functional.pad(top_scores, (0, pad), value=float("-inf"))
+        top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
+    return top_scores, top_ids
+
+
 def rank_with_mask(
     scores: torch.Tensor | np.ndarray,
     k: int,
     seen: Sequence[Sequence[int]] | None = None,
     targets: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, ids) per row of a dense (U, N) score matrix, seen items masked.
+    """`top_k_masked` of a copy of a dense (U, N) score matrix, as numpy arrays.
 
-    Masked items never appear: rows have fewer than k valid entries when the catalog minus the
-    seen items is smaller than k, and are padded with id -1 and score -inf (FAISS's convention).
     Pass the result to `compute_metrics(ids, targets, ks, scores=top_scores)` with k > max(ks).
     """
-    scores = torch.as_tensor(scores).float().clone()  # (U, N)
-    if seen is not None:
-        mask_seen_(scores, seen, targets)
-    n_items = scores.shape[1]
-    top_scores, top_ids = scores.topk(min(k, n_items), dim=1)  # (U, min(k, N))
-    top_ids = torch.where(torch.isneginf(top_scores), -1, top_ids)
-    pad = k - top_ids.shape[1]
-    if pad > 0:
-        top_scores = torch.nn.functional.pad(top_scores, (0, pad), value=float("-inf"))
-        top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
+    top_scores, top_ids = top_k_masked(torch.as_tensor(scores).float().clone(), k, seen, targets)
     return top_scores.numpy(), top_ids.numpy()

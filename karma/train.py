@@ -4,8 +4,16 @@
     karma train --config configs/debug.yaml --resume                   # continue checkpoints/last
     torchrun --nproc_per_node=2 -m karma train --config configs/debug.yaml   # DDP (gloo on CPU)
 
-    from karma.train import train
+    from karma.train import train, train_step
     run_dir = train(load_config("configs/debug.yaml", ["train.steps=20"]))
+    stats = train_step(objective, optimizer, scheduler, lambda micro: batch)   # one update
+
+The file reads top to bottom: setup (`_setup_*`), `train_step` (forward / backward over the
+micro-batches, clipping, the non-finite guard, the update), the `RunState` record, and `train`,
+a short loop around `train_step` with periodic validation, logging and checkpoints. The model is
+karma/model.py, the losses karma/objective.py, the optimizer and schedule karma/optim.py,
+validation karma/evaluate.py. An optional monitor (e.g. `karma.analysis.SinkMonitor.from_config`)
+is handed in by the caller, so the loop imports nothing from analysis.
 
 DDP switches on when torchrun sets RANK/WORLD_SIZE (see karma.distributed); everything else is
 the same code. Batch arithmetic: `train.batch_size` is the GLOBAL number of examples per optimizer
@@ -32,7 +40,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -42,47 +51,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from karma.atomic import ensure_output_dir
+from karma import distributed
+from karma.atomic import ensure_output_dir, write_json_atomic
 from karma.checkpoint import load_checkpoint, save_checkpoint
 from karma.config import Config, config_to_dict, load_config, save_config
 from karma.errors import DataError, KarmaError
 
-VAL_KS = (10,)
+# A monitor probes the model every train.monitor_every steps: (model, step) -> figures to log.
+Monitor = Callable[[nn.Module, int], "dict[str, float] | None"]
+MonitorFactory = Callable[[Config, Any], Monitor]
 
 
 class TrainingDivergedError(KarmaError):
     """A loss part or the gradient norm became NaN/inf; the run stopped before the update."""
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1 over `warmup_steps`, then cosine decay to `min_ratio` at `total_steps`.
-
-    `step` is the number of optimizer steps already taken, so the first update uses
-    1 / warmup_steps of the peak rate rather than zero.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW over the model's parameter groups (backbone at train.lr, heads at train.head_lr)."""
-    groups = model.param_groups(cfg.train.lr, cfg.train.head_lr, cfg.train.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: Config
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR scaling every group's own base rate by `lr_factor`."""
-    warmup, total, min_ratio = cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio
-
-    def factor(step: int) -> float:
-        return lr_factor(step, warmup, total, min_ratio)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @lru_cache(maxsize=2)
@@ -169,35 +150,6 @@ def _validation_users(n_valid: int, eval_users: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_valid, size=eval_users, replace=False))
 
 
-@torch.no_grad()
-def validate(model: nn.Module, data: Any, rows: np.ndarray, cfg: Config) -> dict[str, float]:
-    """HR@10 / NDCG@10 / MRR@10 of `rows` of the valid split: exact dot product, full catalog.
-
-    Items the user saw before the target are masked when eval.mask_history is set (the target
-    itself never is), with karma.metrics' pessimistic tie rule.
-    """
-    from karma.metrics import compute_metrics, rank_with_mask
-
-    was_training = model.training
-    model.eval()
-    valid = data.split("valid")
-    item_texts = list(data.items.texts)
-    histories = [list(valid.histories[i]) for i in rows]
-    queries = [valid.queries[i] for i in rows]
-    targets = np.asarray(valid.targets)[rows].astype(np.int64)
-    seen = [list(valid.seen[i]) for i in rows] if cfg.eval.mask_history else None
-    catalog = model.encode_catalog(item_texts, batch_size=cfg.eval.batch_size)
-    user_emb = model.encode_users(
-        histories, queries, catalog, item_texts, batch_size=cfg.eval.batch_size
-    )  # (U, k)
-    item_emb = torch.as_tensor(catalog.item_emb).float().cpu()  # (N, k)
-    scores = torch.as_tensor(user_emb).float().cpu() @ item_emb.T  # (U, N)
-    # one more than max(K) so that the tie rule is exact at K (see karma.metrics)
-    top_scores, top_ids = rank_with_mask(scores, max(VAL_KS) + 1, seen=seen, targets=targets)
-    model.train(was_training)
-    return compute_metrics(top_ids, targets, VAL_KS, scores=top_scores)
-
-
 def _tensorboard_writer(run_dir: Path) -> Any | None:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -231,62 +183,14 @@ def _check_resume_config(saved: Config, cfg: Config, ckpt_dir: Path) -> None:
         )
 
 
-def _prepare_data(cfg: Config, dist: Any) -> Any:
-    from karma import distributed
-    from karma.data import load_prepared, prepare_dataset
-
-    prepared = Path(cfg.data.prepared_dir)
-    if not (prepared / "stats.json").exists():
-        if dist.is_main:
-            print(f"prepared dataset not found at {prepared}; preparing it")
-            prepare_dataset(cfg)
-        distributed.barrier()
-    elif dist.is_main and (prepared / "config.yaml").exists():
-        # A prepared directory is reused as is; say so when it was made with other data settings.
-        old = config_to_dict(load_config(prepared / "config.yaml"))["data"]
-        new = config_to_dict(cfg)["data"]
-        diffs = [f"data.{k}: {old[k]!r} (prepared) vs {new[k]!r}" for k in new if old[k] != new[k]]
-        if diffs:
-            print(
-                f"warning: {prepared} was prepared with other data settings ({'; '.join(diffs)}); "
-                f"using it as is -- run `karma data prepare` or set data.prepared_dir to change it"
-            )
-    return load_prepared(prepared)
+# ---- setup -------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def train(cfg: Config, resume: bool = False) -> Path:
-    """Train a KarmaModel as configured; returns the run directory (`train.output_dir`)."""
-    from karma import distributed
-
-    dist = distributed.init_distributed(cfg.train.device)
-    try:
-        return _train(cfg, resume, dist)
-    finally:
-        distributed.cleanup()
-
-
-def _train(cfg: Config, resume: bool, dist: Any) -> Path:
-    from karma import distributed
-    from karma.batching import BatchBuilder
-    from karma.model import build_model
-
-    tc = cfg.train
-    if tc.num_threads > 0:
-        torch.set_num_threads(tc.num_threads)
-    device = torch.device(dist.device)
-    run_dir = Path(tc.output_dir)
-    last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
-    log_path = run_dir / "log.jsonl"
-    micro_global, _ = _micro_batch_sizes(cfg, dist.world_size)
-    if resume and not (last_dir / "state.pt").exists():
-        raise KarmaError(f"--resume: no checkpoint at {last_dir}")
-    if not resume and (last_dir / "state.pt").exists():
+def _setup_run_dir(run_dir: Path, resume: bool) -> None:
+    last = run_dir / "checkpoints" / "last"
+    if resume and not (last / "state.pt").exists():
+        raise KarmaError(f"--resume: no checkpoint at {last}")
+    if not resume and (last / "state.pt").exists():
         raise KarmaError(
             f"{run_dir} already holds a run (checkpoints/last exists); pass --resume to continue "
             f"it or set train.output_dir to a new directory"
@@ -295,187 +199,257 @@ def _train(cfg: Config, resume: bool, dist: Any) -> Path:
     # folder of the user's own.
     ensure_output_dir(run_dir, "train.output_dir")
 
-    data = _prepare_data(cfg, dist)
-    train_split = data.split("train")
-    n_train = len(train_split)
 
-    _seed_everything(tc.seed)
-    model = build_model(cfg, rank=dist.rank, world_size=dist.world_size).to(device)
-    model.train()
-    optimizer = build_optimizer(model, cfg)
+def _setup_objective(cfg: Config, dist: Any) -> tuple[Any, nn.Module]:
+    """(objective, what to call for the losses): the DDP wrapper under torchrun, else the
+    objective itself. Seeded here so that every rank builds identical initial weights."""
+    from karma.model import build_model
+    from karma.objective import KarmaObjective
+
+    _seed_everything(cfg.train.seed)
+    model = build_model(cfg).to(dist.device)
+    objective = KarmaObjective(model, cfg.loss, rank=dist.rank, world_size=dist.world_size)
+    objective.train()
+    if dist.world_size <= 1:
+        return objective, objective
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Calls must go through the wrapper so that its gradient hooks fire.
+    ddp = DistributedDataParallel(
+        objective,
+        device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+        # The objective freezes the heads a preset does not train, so every trainable
+        # parameter gets a gradient; the history cache is identical on every rank (it is
+        # gathered), so there are no buffers to re-broadcast each step.
+        find_unused_parameters=False,
+        broadcast_buffers=False,
+    )
+    return objective, ddp
+
+
+# ---- one optimizer step ----------------------------------------------------------------------
+
+
+def train_step(
+    forward: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    batch_at: Callable[[int], dict[str, torch.Tensor]],
+    grad_accum: int = 1,
+    clip_norm: float = 1.0,
+    params: Sequence[nn.Parameter] | None = None,
+    bf16: bool = False,
+    step: int = 0,
+) -> dict[str, float]:
+    """One optimizer step: forward / backward over `grad_accum` micro-batches, clip, update.
+
+    forward: a `karma.objective.KarmaObjective` or its DDP wrapper (only the last micro-step
+    all-reduces gradients); batch_at(micro) builds micro-batch `micro` on the objective's
+    device; params: what to clip (default: every trainable parameter of `forward`); clip_norm
+    <= 0 turns clipping off but the norm is still measured. Returns the loss parts averaged over
+    micro-steps and ranks (`loss` first, then the `*_loss` parts by name), `grad_norm` and
+    `temperature`. A non-finite part or norm raises TrainingDivergedError before the update
+    (gradients are dropped), naming `step + 1`.
+    """
+    if params is None:
+        params = [p for p in forward.parameters() if p.requires_grad]
+    device = next(iter(params)).device
+    ddp = isinstance(forward, torch.nn.parallel.DistributedDataParallel)
+    part_names: list[str] = []
+    part_sums: torch.Tensor | None = None
+    for micro in range(grad_accum):
+        batch = batch_at(micro)
+        last_micro = micro == grad_accum - 1
+        with forward.no_sync() if ddp and not last_micro else contextlib.nullcontext():
+            with _autocast(device, bf16):
+                out = forward(batch)
+            (out["loss"] / grad_accum).backward()
+        if not part_names:
+            part_names = ["loss"] + sorted(k for k in out if k.endswith("_loss"))
+        parts = torch.stack([out[k].detach().float() for k in part_names])  # (P,)
+        part_sums = parts if part_sums is None else part_sums + parts
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
+
+    # One small all-reduce per step: loss parts, grad norm, temperature (NaN propagates).
+    temperature = out.get("temperature", torch.tensor(float("nan")))
+    stats = torch.cat(
+        [
+            part_sums / grad_accum,
+            grad_norm.detach().float().reshape(1).to(part_sums.device),
+            torch.as_tensor(temperature).detach().float().reshape(1).to(part_sums.device),
+        ]
+    )
+    names = part_names + ["grad_norm", "temperature"]
+    values = dict(zip(names, distributed.all_reduce_mean(stats).tolist()))
+    bad = [k for k, v in values.items() if k != "temperature" and not math.isfinite(v)]
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDivergedError(
+            f"non-finite training value at step {step + 1}: "
+            + ", ".join(f"{k}={values[k]}" for k in bad)
+            + "; stopped before the update"
+        )
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return values
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step (and across a resume, via the checkpoint)."""
+
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"hr@10": -1.0, "step": -1})
+    prior_wall_s: float = 0.0  # wall time of the run's earlier legs (resume)
+    started: float = field(default_factory=time.time)
+    last_good_step: int | None = None  # step of the last checkpoint written
+    window: list[dict[str, float]] = field(default_factory=list)  # steps since the last log
+    step_times: list[float] = field(default_factory=list)  # s per step, no eval / save
+    last_log: dict[str, Any] = field(default_factory=dict)
+
+    def wall_s(self) -> float:
+        return self.prior_wall_s + time.time() - self.started
+
+    def extra(self) -> dict[str, Any]:
+        """The checkpoint's `extra`: what a resumed run needs back."""
+        return {"best": dict(self.best), "wall_s": float(self.wall_s())}
+
+
+def train(cfg: Config, resume: bool = False, monitor: MonitorFactory | None = None) -> Path:
+    """Train as configured; returns the run directory (`train.output_dir`).
+
+    monitor: built as `monitor(cfg, prepared_data)` on rank 0 when train.monitor_every > 0 and
+    called every monitor_every steps; what it returns is logged.
+    """
+    dist = distributed.init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, resume, dist, monitor)
+    finally:
+        distributed.cleanup()
+
+
+def _train(cfg: Config, resume: bool, dist: Any, monitor_factory: MonitorFactory | None) -> Path:
+    from karma.batching import BatchBuilder
+    from karma.data import load_or_prepare
+    from karma.evaluate import validate
+    from karma.inference import refresh_history_cache
+    from karma.optim import build_optimizer, build_scheduler
+
+    tc = cfg.train
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+    device = dist.device
+    run_dir = Path(tc.output_dir)
+    last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
+    log_path = run_dir / "log.jsonl"
+    micro_global, _ = _micro_batch_sizes(cfg, dist.world_size)
+    _setup_run_dir(run_dir, resume)
+    data = load_or_prepare(cfg, is_main=dist.is_main)
+    train_split = data.split("train")
+    objective, forward = _setup_objective(cfg, dist)
+    model = objective.model
+    optimizer = build_optimizer(objective, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     builder = BatchBuilder(model.tokenizer, data.items, cfg, seed=tc.seed)
 
-    start_step = 0
-    best: dict[str, Any] = {"hr@10": -1.0, "step": -1}
-    prior_wall_s = 0.0
+    state = RunState()
     if resume:
         _check_resume_config(load_config(last_dir / "config.yaml"), cfg, last_dir)
-        restored = load_checkpoint(last_dir, model, optimizer, scheduler)
-        start_step = restored["step"]
-        best = restored["extra"].get("best", best)
-        prior_wall_s = float(restored["extra"].get("wall_s", 0.0))
-    if start_step >= tc.steps:
+        restored = load_checkpoint(last_dir, model, optimizer, scheduler, objective=objective)
+        state.step = state.last_good_step = restored["step"]
+        state.best = restored["extra"].get("best", state.best)
+        state.prior_wall_s = float(restored["extra"].get("wall_s", 0.0))
+    if state.step >= tc.steps:
         if dist.is_main:
-            print(f"{last_dir} is already at step {start_step} >= train.steps={tc.steps}")
+            print(f"{last_dir} is already at step {state.step} >= train.steps={tc.steps}")
         return run_dir
     if dist.rank > 0:
         # Independent randomness per rank (dropout, sampled negatives); rank 0 matches 1 process.
-        torch.manual_seed(tc.seed + 7919 * dist.rank + start_step)
-    # history_source=cache: the cache is a persistent buffer of the model, so a resumed run gets
-    # back exactly the cache the uninterrupted run was using.
-    uses_cache = cfg.model.history_source == "cache"
-    refresh_every = max(1, cfg.model.cache_refresh_steps)
-
-    # Calling the model (DDP-wrapped or not) runs compute_losses; under DDP the call must go
-    # through the wrapper so that its gradient hooks fire.
-    forward: Callable[[dict[str, Any]], dict[str, torch.Tensor]] = model
-    ddp_model = None
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp_model = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            # KarmaModel freezes the heads a preset does not train, so every trainable
-            # parameter gets a gradient; the history cache is identical on every rank (it is
-            # gathered), so there are no buffers to re-broadcast each step.
-            find_unused_parameters=False,
-            broadcast_buffers=False,
-        )
-        forward = ddp_model
-
+        torch.manual_seed(tc.seed + 7919 * dist.rank + state.step)
     monitor = None
-    if tc.monitor_every > 0 and dist.is_main:
-        from karma.analysis import SinkMonitor
-
+    if monitor_factory is not None and tc.monitor_every > 0 and dist.is_main:
         # rank 0 only: no collectives, no random draws, so DDP ranks and resume stay in step
-        monitor = SinkMonitor.from_config(cfg, data, is_main=True)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip = tc.clip_norm if tc.clip_norm > 0 else float("inf")
+        monitor = monitor_factory(cfg, data)
+    # Clipped in the model's parameter order, temperature after the heads: the order the
+    # gradient-norm sum has always used (a different order changes the norm in the last bit).
+    params = [p for p in _clip_order(objective) if p.requires_grad]
     val_rows = _validation_users(len(data.split("valid")), tc.eval_users, tc.seed)
     writer = None
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         if resume:
-            _truncate_log(log_path, start_step)
+            _truncate_log(log_path, state.step)
         elif log_path.exists():
             log_path.unlink()
         writer = _tensorboard_writer(run_dir)
-        n_params = sum(p.numel() for p in params)
         print(
-            f"training {cfg.loss.preset} on {n_train} examples, {n_params:,} trainable params, "
-            f"world size {dist.world_size}, device {device}, steps {start_step}->{tc.steps}"
+            f"training {cfg.loss.preset} on {len(train_split)} examples, "
+            f"{sum(p.numel() for p in params):,} trainable params, world size "
+            f"{dist.world_size}, device {device}, steps {state.step}->{tc.steps}"
         )
-
-    part_names: list[str] = []
-    window: list[list[float]] = []
-    step_times: list[float] = []  # seconds per optimizer step, without validation and saving
-    last_log: dict[str, Any] = {}
-    last_good_step = start_step if resume else None
-    t0 = time.time()
 
     def save(ckpt_dir: Path) -> None:
-        save_checkpoint(ckpt_dir, model, optimizer, scheduler, step, cfg,
-                        _extra(best, prior_wall_s + time.time() - t0))
+        save_checkpoint(ckpt_dir, model, optimizer, scheduler, state.step, cfg, state.extra(),
+                        objective=objective)
 
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not dist.is_main, dynamic_ncols=True)
-    step = start_step
-    while step < tc.steps:
-        if uses_cache and step % refresh_every == 0:
+    def batch_at(micro: int) -> dict[str, torch.Tensor]:
+        idx = batch_indices(len(train_split), state.step, micro, tc.grad_accum, micro_global,
+                            dist.rank, dist.world_size, tc.seed)
+        gen = _batch_generator(tc.seed, state.step, micro, dist.rank)
+        return _to_device(builder(train_split, idx, generator=gen), device)
+
+    # history_source=cache: the cache is a persistent buffer of the model, so a resumed run gets
+    # back exactly the cache the uninterrupted run was using.
+    uses_cache = cfg.model.history_source == "cache"
+    refresh_every = max(1, cfg.model.cache_refresh_steps)
+    bar = tqdm(total=tc.steps, initial=state.step, disable=not dist.is_main, dynamic_ncols=True)
+    while state.step < tc.steps:
+        if uses_cache and state.step % refresh_every == 0:
             with _autocast(device, tc.bf16):
-                model.refresh_history_cache(list(data.items.texts), batch_size=cfg.eval.batch_size)
-
-        # ---- forward / backward over grad_accum micro-steps
+                refresh_history_cache(model, list(data.items.texts), cfg.eval.batch_size,
+                                      rank=dist.rank, world_size=dist.world_size)
         step_start = time.perf_counter()
-        part_sums: torch.Tensor | None = None
-        for micro in range(tc.grad_accum):
-            idx = batch_indices(
-                n_train,
-                step,
-                micro,
-                tc.grad_accum,
-                micro_global,
-                dist.rank,
-                dist.world_size,
-                tc.seed,
-            )
-            gen = _batch_generator(tc.seed, step, micro, dist.rank)
-            batch = _to_device(builder(train_split, idx, generator=gen), device)
-            last_micro = micro == tc.grad_accum - 1
-            # Only the last micro-step all-reduces gradients.
-            sync = ddp_model.no_sync() if ddp_model is not None and not last_micro else None
-            with sync or contextlib.nullcontext():
-                with _autocast(device, tc.bf16):
-                    out = forward(batch)
-                (out["loss"] / tc.grad_accum).backward()
-            if not part_names:
-                part_names = ["loss"] + sorted(k for k in out if k.endswith("_loss"))
-            parts = torch.stack([out[k].detach().float() for k in part_names])  # (P,)
-            part_sums = parts if part_sums is None else part_sums + parts
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-
-        # ---- one small all-reduce per step: loss parts, grad norm, temperature (NaN propagates)
-        temperature = out.get("temperature", torch.tensor(float("nan")))
-        stats = torch.cat(
-            [
-                part_sums / tc.grad_accum,
-                grad_norm.detach().float().reshape(1).to(part_sums.device),
-                torch.as_tensor(temperature).detach().float().reshape(1).to(part_sums.device),
-            ]
-        )
-        stats = distributed.all_reduce_mean(stats).tolist()
-        values = dict(zip(part_names + ["grad_norm"], stats[:-1]))
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
+        try:
+            values = train_step(forward, optimizer, scheduler, batch_at, tc.grad_accum,
+                                tc.clip_norm, params, tc.bf16, state.step)
+        except TrainingDivergedError as err:
             bar.close()
             kept = (
-                f"last good checkpoint kept at {last_dir} (step {last_good_step})"
-                if last_good_step is not None
+                f"last good checkpoint kept at {last_dir} (step {state.last_good_step})"
+                if state.last_good_step is not None
                 else "no checkpoint was written yet"
             )
-            raise TrainingDivergedError(
-                f"non-finite training value at step {step + 1}: "
-                + ", ".join(f"{k}={values[k]}" for k in bad)
-                + f"; stopped before the update, {kept}"
-            )
-
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window.append(stats)
-        step_times.append(time.perf_counter() - step_start)
+            raise TrainingDivergedError(f"{err}, {kept}") from None
+        state.step += 1
+        state.window.append(values)
+        state.step_times.append(time.perf_counter() - step_start)
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k.endswith("loss")})
 
         # ---- log, validate, checkpoint (rank 0 writes; others wait at barriers)
+        step = state.step
         do_log = step % tc.log_every == 0 or step == tc.steps
-        do_eval = tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps)
-        do_save = (tc.save_every > 0 and step % tc.save_every == 0) or step == tc.steps
-        record: dict[str, Any] = {}
-        if do_log:
-            mean = np.mean(np.asarray(window), axis=0).tolist()
-            record = {"step": step, **dict(zip(part_names + ["grad_norm"], mean[:-1]))}
-            record["temperature"] = stats[-1]
-            record["lr"] = scheduler.get_last_lr()[0]
-            record["step_s"] = float(np.mean(step_times))
-            window, step_times = [], []
-        if do_eval:
+        record = _log_record(state, scheduler) if do_log else {}
+        if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
             if dist.is_main:
                 with _autocast(device, tc.bf16), torch.random.fork_rng(devices=[]):
                     metrics = validate(model, data, val_rows, cfg)
                 record.setdefault("step", step)
                 record.update({f"val/{k}": v for k, v in metrics.items()})
-                if metrics["hr@10"] > best["hr@10"]:
-                    best = {"hr@10": metrics["hr@10"], "ndcg@10": metrics["ndcg@10"], "step": step}
+                if metrics["hr@10"] > state.best["hr@10"]:
+                    state.best = {"hr@10": metrics["hr@10"], "ndcg@10": metrics["ndcg@10"],
+                                  "step": step}
                     save(best_dir)
                 bar.write(
-                    f"step {step}: val hr@10 {metrics['hr@10']:.4f} "
-                    f"ndcg@10 {metrics['ndcg@10']:.4f} (best {best['hr@10']:.4f} @ {best['step']})"
+                    f"step {step}: val hr@10 {metrics['hr@10']:.4f} ndcg@10 "
+                    f"{metrics['ndcg@10']:.4f} (best {state.best['hr@10']:.4f} @ "
+                    f"{state.best['step']})"
                 )
             distributed.barrier()
         if monitor is not None:
@@ -485,49 +459,63 @@ def _train(cfg: Config, resume: bool, dist: Any) -> Path:
                 record.setdefault("step", step)
                 record.update(probed)
         if record and dist.is_main:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if writer is not None:
-                for k, v in record.items():
-                    if k != "step":
-                        writer.add_scalar(k, v, step)
-            last_log = record
-        if do_save:
+            _write_log(log_path, writer, record)
+            state.last_log = record
+        if (tc.save_every > 0 and step % tc.save_every == 0) or step == tc.steps:
             if dist.is_main:
                 save(last_dir)
             distributed.barrier()
-            last_good_step = step
+            state.last_good_step = step
     bar.close()
-
-    wall_s = prior_wall_s + time.time() - t0
     if dist.is_main:
         if writer is not None:
             writer.close()
-        summary = {
-            "steps": step,
-            "wall_time_s": round(wall_s, 3),
-            "world_size": dist.world_size,
-            "examples_seen": step * tc.batch_size,
-            "best_val": best if best["step"] >= 0 else None,
-            "final_losses": {k: v for k, v in last_log.items() if k.endswith("loss")},
-            "preset": cfg.loss.preset,
-            "run_dir": str(run_dir),
-        }
-        _write_json(run_dir / "train_summary.json", summary)
-        print(f"done: {step} steps in {wall_s:.1f}s; run written to {run_dir}")
+        _write_summary(run_dir, cfg, state, dist.world_size)
     return run_dir
 
 
-def _extra(best: dict[str, Any], wall_s: float) -> dict[str, Any]:
-    return {"best": dict(best), "wall_s": float(wall_s)}
+def _clip_order(objective: nn.Module) -> list[nn.Parameter]:
+    model = objective.model
+    heads = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
+    rest = [p for name, p in objective.named_parameters() if not name.startswith("model.")]
+    return heads + rest + list(model.backbone.parameters())
 
 
-__all__ = [
-    "TrainingDivergedError",
-    "batch_indices",
-    "build_optimizer",
-    "build_scheduler",
-    "lr_factor",
-    "train",
-    "validate",
-]
+def _log_record(state: RunState, scheduler: Any) -> dict[str, Any]:
+    """Means over the steps since the last log; empties the window."""
+    names = list(state.window[0])  # parts, grad_norm, temperature
+    mean = np.mean(np.asarray([[v[k] for k in names] for v in state.window]), axis=0).tolist()
+    record: dict[str, Any] = {"step": state.step, **dict(zip(names[:-1], mean[:-1]))}
+    record["temperature"] = state.window[-1]["temperature"]
+    record["lr"] = scheduler.get_last_lr()[0]
+    record["step_s"] = float(np.mean(state.step_times))
+    state.window, state.step_times = [], []
+    return record
+
+
+def _write_log(log_path: Path, writer: Any | None, record: dict[str, Any]) -> None:
+    with log_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for k, v in record.items():
+            if k != "step":
+                writer.add_scalar(k, v, record["step"])
+
+
+def _write_summary(run_dir: Path, cfg: Config, state: RunState, world_size: int) -> None:
+    wall_s = state.wall_s()
+    summary = {
+        "steps": state.step,
+        "wall_time_s": round(wall_s, 3),
+        "world_size": world_size,
+        "examples_seen": state.step * cfg.train.batch_size,
+        "best_val": state.best if state.best["step"] >= 0 else None,
+        "final_losses": {k: v for k, v in state.last_log.items() if k.endswith("loss")},
+        "preset": cfg.loss.preset,
+        "run_dir": str(run_dir),
+    }
+    write_json_atomic(run_dir / "train_summary.json", summary)
+    print(f"done: {state.step} steps in {wall_s:.1f}s; run written to {run_dir}")
+
+
+__all__ = ["RunState", "TrainingDivergedError", "batch_indices", "train", "train_step"]

@@ -10,6 +10,7 @@ import torch
 
 from karma.analysis import attention as A
 from karma.analysis import fidelity as F
+from karma.inference import greedy_decode
 
 
 @pytest.fixture(autouse=True)
@@ -186,9 +187,9 @@ def test_text_metrics_hand_values():
 def test_target_ranks_pessimistic_ties_and_rank_metrics():
     items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
     query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    ranks = F.target_ranks(query, items, torch.tensor([0, 3]))
-    assert ranks.tolist() == [2, 2]  # item 2 ties item 0 and counts ahead; item 1 beats item 3
-    m = F.rank_metrics(torch.tensor([1, 4, 20]))
+    ranks = F.catalog_ranks(query, items, torch.tensor([0, 3]))
+    assert ranks.tolist() == [1, 1]  # item 2 ties item 0 and counts ahead; item 1 beats item 3
+    m = F.rank_metrics(np.array([0, 3, 19]))  # 0-based, as karma.metrics.target_ranks
     assert m["text_query_rank_median"] == 4.0
     assert m["text_query_mrr"] == pytest.approx((1 + 0.25 + 0.05) / 3)
     assert m["text_query_hr@10"] == pytest.approx(2 / 3)
@@ -227,7 +228,7 @@ def test_greedy_decode_round_trips_overfit_soft_prefixes(tiny_backbone):
         loss.backward()
         opt.step()
     backbone.eval()
-    decoded_ids = F.greedy_decode(backbone, prefix.detach(), eos_token_id=eos, max_new_tokens=30)
+    decoded_ids = greedy_decode(backbone, prefix.detach(), eos_token_id=eos, max_new_tokens=30)
     assert decoded_ids == [seq[:-1] for seq in ids]
     decoded = tokenizer.batch_decode(decoded_ids, skip_special_tokens=True)
     assert F.text_metrics(decoded, texts)["exact_match"] == 1.0
@@ -236,7 +237,7 @@ def test_greedy_decode_round_trips_overfit_soft_prefixes(tiny_backbone):
 def test_greedy_decode_stops_at_max_new_tokens_without_eos(tiny_backbone):
     backbone, _ = tiny_backbone
     prefix = torch.randn(2, 1, backbone.config.hidden_size)
-    out = F.greedy_decode(backbone, prefix, eos_token_id=-1, max_new_tokens=5)
+    out = greedy_decode(backbone, prefix, eos_token_id=-1, max_new_tokens=5)
     assert [len(t) for t in out] == [5, 5]
 
 

@@ -19,6 +19,7 @@ from karma.analysis.collect import collect_emb_attention, eager_attention, summa
 from karma.analysis.run import load_for_analysis
 from karma.config import Config, apply_overrides
 from karma.errors import KarmaError
+from karma.inference import decode_from_embedding, encode_catalog
 
 TITLES = [
     "Toy Story",
@@ -105,7 +106,7 @@ def test_collected_attention_is_padding_invariant_and_aligned(tiny_data: Path):
     test = data.split("test")
     histories = [h[: 2 + i] for i, h in enumerate(test.histories[:4])]  # lengths 2..5
     queries = test.queries[:4]
-    catalog = model.encode_catalog(data.items.texts, progress=False)
+    catalog = encode_catalog(model, data.items.texts, progress=False)
     impl = model.base_lm.config._attn_implementation
     with eager_attention(model.base_lm):
         assert model.base_lm.config._attn_implementation == "eager"
@@ -153,13 +154,16 @@ def test_decode_round_trips_on_karma_model_overfit_to_items(tiny_data: Path):
         loss.backward()
         optimizer.step()
     model.eval()
-    decoded = F.decode_user_embeddings(model, user_emb, max_new_tokens=24)
+    decoded = decode_from_embedding(model, user_emb, max_new_tokens=24)
     assert decoded == texts
     assert F.text_metrics(decoded, texts)["exact_match"] == 1.0
 
 
 def test_fit_reconstruction_head_trains_only_r_and_restores_flags(tiny_data: Path):
+    from karma.objective import KarmaObjective
+
     model, _ = tiny_model(tiny_data, preset="action_only")
+    KarmaObjective(model, model.cfg.loss)  # freezes R, as training action_only does
     assert not model.rec_head[0].weight.requires_grad  # frozen by the action_only preset
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -253,6 +257,9 @@ def test_analyze_end_to_end_compares_two_checkpoints(tiny_data: Path, tmp_path: 
         assert 0 <= r["fidelity"]["token_f1"] <= 1
         assert 1 <= r["fidelity"]["text_query_rank_median"] <= len(TITLES)
         assert len(r["maps"]["history_scores"]) == 2
+    # the same overrides as `karma eval`: the trained model and loss are fixed by the weights
+    with pytest.raises(KarmaError, match="'model.emb_dim' is fixed"):
+        load_for_analysis(tmp_path / "karma", ["model.emb_dim=8"])
 
 
 def test_load_for_analysis_rejects_missing_checkpoint(tmp_path: Path):
@@ -281,7 +288,7 @@ def test_pretrained_smollm2_has_first_token_sinks():
         "Alien (1979) | Action, Horror, Sci-Fi",
         "Babe (1995) | Children's, Comedy, Drama",
     ]
-    catalog = model.encode_catalog(texts, progress=False)
+    catalog = encode_catalog(model, texts, progress=False)
     with eager_attention(model.base_lm):
         collected = collect_emb_attention(
             model,

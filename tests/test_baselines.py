@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from karma.baselines import load_data, run_baseline, split_sequences, training_sequences
+from karma.baselines import run_baseline
 from karma.baselines.popularity import popularity_counts, popularity_embeddings
+from karma.baselines.protocol import split_sequences, training_sequences
 from karma.baselines.sasrec import SASRec, make_windows, pad_left, sasrec_loss
 from karma.config import load_config
+from karma.data import load_or_prepare
 
 # user -> items in time order: train part = all but the last two (valid, then test).
 SEQUENCES = {
@@ -58,7 +60,7 @@ def make_prepared(tmp_path: Path, sequences: dict[str, list[int]], n_items: int 
 def test_training_sequences_are_the_uncapped_train_part(tmp_path):
     long = list(range(12))  # longer than the history cap below
     cfg = make_prepared(tmp_path, {"a": long, "b": [3, 4, 5]}, 12, "data.max_history=3")
-    data = load_data(cfg)
+    data = load_or_prepare(cfg)
     seqs = training_sequences(data)
     assert seqs == {"a": long[:-2], "b": [3]}
     test = data.split("test")
@@ -69,7 +71,7 @@ def test_training_sequences_are_the_uncapped_train_part(tmp_path):
 
 def test_popularity_counts_and_ranking(tmp_path):
     cfg = make_prepared(tmp_path, SEQUENCES)
-    data = load_data(cfg)
+    data = load_or_prepare(cfg)
     # every training-part interaction (first items included), never valid/test items
     assert popularity_counts(data).tolist() == [4, 2, 1, 1, 0, 0]
     user_emb, item_emb = popularity_embeddings(np.array([4, 2, 1, 1, 0, 0]), 3)
@@ -224,7 +226,7 @@ def test_bad_names_and_stale_prepared_data_are_errors(tmp_path):
     cfg = make_prepared(tmp_path, SEQUENCES)
     with pytest.raises(KarmaError, match="unknown baseline 'bogus'"):
         run_baseline("bogus", cfg, out_dir=tmp_path / "x")
-    load_data(cfg)  # prepares it
+    load_or_prepare(cfg)  # prepares it
     cfg.data.max_history = 3
     with pytest.raises(KarmaError, match=r"stats.json: prepared with max_history=20.*data.max_hi"):
-        load_data(cfg)
+        load_or_prepare(cfg)

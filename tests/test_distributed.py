@@ -110,6 +110,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str, preset: str) -> None:
     from karma.batching import BatchBuilder
     from karma.config import Config
     from karma.model import build_model
+    from karma.objective import KarmaObjective
 
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD
@@ -119,8 +120,9 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str, preset: str) -> None:
     cfg.model.backbone = "tiny-random"
     cfg.model.emb_dim = 8
     cfg.loss.preset = preset
-    model = build_model(cfg, rank=rank, world_size=WORLD).train()
-    ddp = DistributedDataParallel(model)
+    model = build_model(cfg)
+    objective = KarmaObjective(model, cfg.loss, rank=rank, world_size=WORLD).train()
+    ddp = DistributedDataParallel(objective)
 
     class Items:
         texts = [f"Fargo {i} | Crime, Drama" for i in range(12)]
@@ -134,7 +136,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str, preset: str) -> None:
 
     batch = BatchBuilder(model.tokenizer, Items, cfg, seed=rank)(Examples, [2 * rank, 2 * rank + 1])
     ddp(batch)["loss"].backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
     torch.save(grads, os.path.join(out_dir, f"ddp{rank}.pt"))
     distributed.cleanup()
 

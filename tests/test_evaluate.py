@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from karma.checkpoint import apply_checkpoint_overrides
 from karma.config import Config
 from karma.data import Examples
 from karma.errors import KarmaError
 from karma.evaluate import (
-    _eval_overrides,
     evaluate_checkpoint,
     evaluate_embeddings,
     evaluate_scores,
@@ -22,6 +22,7 @@ from karma.evaluate import (
     format_metrics_table,
     select_users,
 )
+from karma.inference import encode_catalog, encode_users
 
 
 def make_examples(rng: np.random.Generator, n_users: int, n_items: int) -> Examples:
@@ -154,9 +155,12 @@ def test_bad_inputs() -> None:
     examples.targets[3] = 25
     with pytest.raises(KarmaError, match="example row 3: field 'target'"):
         evaluate_scores(np.ones((10, 20)), examples, config(), print_table=False)
-    with pytest.raises(KarmaError, match="only eval"):
-        _eval_overrides(Config(), ["model.emb_dim=8"])
-    assert _eval_overrides(Config(), ["eval.split=valid"]).eval.split == "valid"
+    with pytest.raises(KarmaError, match="'model.emb_dim' is fixed"):
+        apply_checkpoint_overrides(Config(), ["model.emb_dim=8"])
+    with pytest.raises(KarmaError, match="'loss.preset' is fixed"):
+        apply_checkpoint_overrides(Config(), ["loss.preset=karma"])
+    assert apply_checkpoint_overrides(Config(), ["eval.split=valid"]).eval.split == "valid"
+    assert apply_checkpoint_overrides(Config(), ["analysis.seed=3"]).analysis.seed == 3
 
 
 def write_tiny_dataset(root: Path, n_items: int = 24, n_users: int = 10) -> Path:
@@ -214,8 +218,8 @@ def test_evaluate_checkpoint_matches_direct_scoring(tiny_checkpoint, tmp_path: P
     model, _ = load_model(ckpt)
     data = load_prepared(cfg.data.prepared_dir)
     examples = data.split("valid")
-    catalog = model.encode_catalog(data.items.texts, batch_size=4)
-    user_emb = model.encode_users(examples.histories, examples.queries, catalog, data.items.texts)
+    catalog = encode_catalog(model, data.items.texts, batch_size=4)
+    user_emb = encode_users(model, examples.histories, examples.queries, catalog, data.items.texts)
     cfg.eval.split = "valid"
     direct = evaluate_scores(user_emb @ catalog.item_emb.T, examples, cfg, print_table=False)
     for name in ("masked", "unmasked"):
@@ -250,7 +254,7 @@ def test_export_embeddings(tiny_checkpoint, tmp_path: Path, fmt: str) -> None:
     assert item_ids == data.items.item_ids and user_ids == data.split("test").user_ids
     assert item_emb.shape == (24, 16) and user_emb.shape == (10, 16)
     model, _ = load_model(ckpt)
-    want = model.encode_catalog(data.items.texts, batch_size=4).item_emb.numpy()
+    want = encode_catalog(model, data.items.texts, batch_size=4).item_emb.numpy()
     np.testing.assert_allclose(item_emb, want, atol=1e-5)
     index = load_index(out / "index")
     _, rows = search(index, user_emb, 3, show_progress=False)

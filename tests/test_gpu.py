@@ -1,6 +1,7 @@
 """GPU checks (`pytest -m gpu`): the same training loop and inference path on CUDA with bf16.
 
-They skip without CUDA (see conftest.py); benchmarks/gpu/ holds the scripted full-size GPU runs.
+They skip without CUDA (see conftest.py). These are the repository's only GPU checks: no
+full-size GPU run is scripted yet (DESIGN.md section 8 puts such scripts in benchmarks/gpu/).
 """
 
 import json
@@ -34,6 +35,7 @@ def test_train_on_cuda_bf16_is_finite(tmp_path, preset):
 def test_cuda_and_cpu_user_embeddings_agree(tmp_path):
     from karma.checkpoint import load_model
     from karma.data import load_prepared
+    from karma.inference import encode_catalog, encode_users
     from karma.train import train
 
     run_dir = train(_cfg(tmp_path, "karma"))
@@ -43,7 +45,7 @@ def test_cuda_and_cpu_user_embeddings_agree(tmp_path):
     embs = []
     for device in ("cpu", "cuda"):
         model, _ = load_model(run_dir / "checkpoints" / "last", device=device)
-        catalog = model.encode_catalog(data.items.texts, batch_size=64, progress=False)
-        embs.append(model.encode_users(valid.histories[:32], valid.queries[:32], catalog,
-                                       data.items.texts, batch_size=16).float().cpu())
+        catalog = encode_catalog(model, data.items.texts, batch_size=64, progress=False)
+        embs.append(encode_users(model, valid.histories[:32], valid.queries[:32], catalog,
+                                 data.items.texts, batch_size=16).float().cpu())
     assert torch.allclose(embs[0], embs[1], atol=2e-3)

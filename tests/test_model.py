@@ -1,5 +1,6 @@
-"""KarmaModel on the tiny random Llama: causal independence of u, padding parity, cache parity,
-gradient paths of L_rec, image slot, freezing, persistence and inference/training agreement."""
+"""KarmaModel, its KarmaObjective and karma.inference on the tiny random Llama: causal
+independence of u, padding parity, cache parity, gradient paths of L_rec, image slot, freezing,
+persistence and inference/training agreement."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import pytest
 import torch
 
 from karma.batching import BatchBuilder
+from karma.checkpoint import load_checkpoint, load_model, load_weights, save_checkpoint
 from karma.config import Config
 from karma.errors import KarmaError
+from karma.inference import build_user_inputs, encode_catalog, encode_users, refresh_history_cache
 from karma.model import KarmaModel, build_model
+from karma.objective import KarmaObjective
+from karma.optim import param_groups
 
 
 @dataclass
@@ -61,19 +66,24 @@ def model() -> KarmaModel:
     return _build(_cfg())
 
 
+def _objective(model: KarmaModel) -> KarmaObjective:
+    return KarmaObjective(model, model.cfg.loss)
+
+
 def _towers(model: KarmaModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(user_emb (B, k), item_emb (U, k)) along the training path, without the losses."""
     item_hidden, item_emb = model.encode_items(
         batch["item_input_ids"], batch["item_attention_mask"], batch.get("item_image_features")
     )
-    emb = model.user_embeds(batch["user_input_ids"], model._history_hidden(batch, item_hidden))
+    history_hidden = _objective(model)._history_hidden(batch, item_hidden)
+    emb = model.user_embeds(batch["user_input_ids"], history_hidden)
     hidden = model.run_decoder(emb, batch["user_attention_mask"])
     return model.user_from_hidden(hidden, batch["emb_positions"]), item_emb
 
 
 def test_losses_are_finite_and_named(model):
     batch = BatchBuilder(model.tokenizer, ITEMS, model.cfg)(EXAMPLES, ROWS)
-    out = model.compute_losses(batch)
+    out = _objective(model)(batch)
     assert set(out) == {"loss", "act_loss", "gen_loss", "rec_loss", "temperature"}
     assert all(torch.isfinite(v) for v in out.values())
     expected = out["act_loss"] + 0.5 * out["gen_loss"] + 0.5 * out["rec_loss"]
@@ -117,7 +127,7 @@ def test_rec_loss_reaches_user_embedding(model):
     handle = model.rec_head.register_forward_hook(keep_grad)
     try:
         model.zero_grad()
-        model.compute_losses(batch)["rec_loss"].backward()
+        _objective(model)(batch)["rec_loss"].backward()
     finally:
         handle.remove()
     assert captured["u"].grad is not None and captured["u"].grad.abs().sum() > 0
@@ -131,7 +141,7 @@ def test_action_only_has_no_rec_contribution():
     cfg.loss.preset = "action_only"
     action = _build(cfg)
     batch = BatchBuilder(action.tokenizer, ITEMS, cfg)(EXAMPLES, ROWS)
-    out = action.compute_losses(batch)
+    out = _objective(action)(batch)
     assert out["rec_loss"].item() == 0.0 and out["gen_loss"].item() == 0.0
     assert out["loss"].item() == pytest.approx(out["act_loss"].item())
     out["loss"].backward()
@@ -144,7 +154,7 @@ def test_cache_history_matches_live_when_fresh(model):
     cache_cfg = _cfg(history_source="cache")
     cached = _build(cache_cfg)
     cached.load_state_dict(model.state_dict(), strict=False)
-    cached.refresh_history_cache(ITEMS.texts, batch_size=5)
+    refresh_history_cache(cached, ITEMS.texts, batch_size=5)
     assert cached.history_cache.shape == (len(ITEMS.texts), cached.hidden_size)
     live_batch = BatchBuilder(model.tokenizer, ITEMS, model.cfg)(EXAMPLES, ROWS)
     cache_batch = BatchBuilder(cached.tokenizer, ITEMS, cache_cfg)(EXAMPLES, ROWS)
@@ -154,37 +164,37 @@ def test_cache_history_matches_live_when_fresh(model):
     assert torch.allclose(u_live, u_cache, atol=1e-5)
     empty = _build(cache_cfg)
     with pytest.raises(KarmaError, match="history cache is empty"):
-        empty.compute_losses(cache_batch)
+        _objective(empty)(cache_batch)
 
 
 def test_encode_users_matches_training_path(model):
-    catalog = model.encode_catalog(ITEMS.texts, batch_size=7, progress=False)
+    catalog = encode_catalog(model, ITEMS.texts, batch_size=7, progress=False)
     assert catalog.item_emb.shape == (len(ITEMS.texts), 16)
     assert torch.allclose(catalog.item_emb.norm(dim=-1), torch.ones(len(ITEMS.texts)), atol=1e-5)
-    u = model.encode_users(EXAMPLES.histories, EXAMPLES.queries, catalog, batch_size=3)
+    u = encode_users(model, EXAMPLES.histories, EXAMPLES.queries, catalog, batch_size=3)
     batch = BatchBuilder(model.tokenizer, ITEMS, model.cfg)(EXAMPLES, ROWS)
     with torch.no_grad():
         u_train, e_train = _towers(model, batch)
     assert torch.allclose(u, u_train, atol=1e-5)
     assert torch.allclose(catalog.item_emb[batch["item_ids"]], e_train, atol=1e-5)
-    inputs = model.build_user_inputs(
-        EXAMPLES.histories, EXAMPLES.queries, catalog, padding_side="left"
+    inputs = build_user_inputs(
+        model, EXAMPLES.histories, EXAMPLES.queries, catalog, padding_side="left"
     )
     assert inputs["history_positions"].shape == (4, 5)
     assert (inputs["history_positions"][2, 1:] == -1).all()
     assert (inputs["first_positions"] > 0).any()
     assert model.reconstruction_prefix(u).shape == (4, model.cfg.model.rec_tokens, 64)
     with pytest.raises(KarmaError, match=r"histories\[0\]"):
-        model.encode_users([[99]], [""], catalog)
+        encode_users(model, [[99]], [""], catalog)
 
 
 def test_text_interface_runs():
     cfg = _cfg(interface="text")
     text = _build(cfg)
     batch = BatchBuilder(text.tokenizer, ITEMS, cfg)(EXAMPLES, ROWS)
-    assert torch.isfinite(text.compute_losses(batch)["loss"])
-    catalog = text.encode_catalog(ITEMS.texts, progress=False)
-    u = text.encode_users(EXAMPLES.histories, EXAMPLES.queries, catalog, ITEMS.texts)
+    assert torch.isfinite(_objective(text)(batch)["loss"])
+    catalog = encode_catalog(text, ITEMS.texts, progress=False)
+    u = encode_users(text, EXAMPLES.histories, EXAMPLES.queries, catalog, ITEMS.texts)
     with torch.no_grad():
         u_train, _ = _towers(text, batch)
     assert torch.allclose(u, u_train, atol=1e-5)
@@ -195,13 +205,13 @@ def test_image_slot_changes_item_embedding():
     cfg.loss.preset = "karma_mm"
     mm = _build(cfg)
     feats = np.random.default_rng(0).normal(size=(len(ITEMS.texts), 8)).astype(np.float32)
-    a = mm.encode_catalog(ITEMS.texts, image_features=feats, progress=False)
-    b = mm.encode_catalog(ITEMS.texts, image_features=feats[::-1].copy(), progress=False)
+    a = encode_catalog(mm, ITEMS.texts, image_features=feats, progress=False)
+    b = encode_catalog(mm, ITEMS.texts, image_features=feats[::-1].copy(), progress=False)
     assert not torch.allclose(a.item_emb, b.item_emb, atol=1e-4)
     with pytest.raises(KarmaError, match="image_features"):
-        mm.encode_catalog(ITEMS.texts, progress=False)
+        encode_catalog(mm, ITEMS.texts, progress=False)
     batch = BatchBuilder(mm.tokenizer, ITEMS, cfg, image_features=feats)(EXAMPLES, ROWS)
-    out = mm.compute_losses(batch)
+    out = _objective(mm)(batch)
     assert out["img_loss"].item() > 0
     out["loss"].backward()
     assert mm.image_proj[0].weight.grad.abs().sum() > 0
@@ -216,7 +226,7 @@ def test_freeze_layers_and_lora():
     assert not frozen.base_lm.get_input_embeddings().weight.requires_grad
     assert frozen.special_embeds.requires_grad
     batch = BatchBuilder(frozen.tokenizer, ITEMS, frozen.cfg)(EXAMPLES, ROWS)
-    frozen.compute_losses(batch)["loss"].backward()
+    _objective(frozen)(batch)["loss"].backward()
     assert frozen.special_embeds.grad[0].abs().sum() > 0  # <ITEM>
     assert frozen.special_embeds.grad[1].abs().sum() > 0  # <EMB>
 
@@ -224,31 +234,36 @@ def test_freeze_layers_and_lora():
     names = [n for n, p in lora.backbone.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert not any("layers.0." in n for n in names)
-    grouped = [p for g in lora.param_groups(1e-4, 1e-3, 0.01) for p in g["params"]]
-    trainable = [p for p in lora.parameters() if p.requires_grad]
+    objective = _objective(lora)
+    grouped = [p for g in param_groups(objective, 1e-4, 1e-3, 0.01) for p in g["params"]]
+    trainable = [p for p in objective.parameters() if p.requires_grad]
     assert len(grouped) == len(trainable) == len({id(p) for p in grouped})
-    heads = {g["name"]: g for g in lora.param_groups(1e-4, 1e-3, 0.01)}
+    heads = {g["name"]: g for g in param_groups(objective, 1e-4, 1e-3, 0.01)}
     assert heads["heads"]["lr"] == 1e-3 and heads["heads_no_decay"]["weight_decay"] == 0.0
 
 
 def test_save_and_load_roundtrip(tmp_path):
     cfg = _cfg(history_source="cache")
     src = _build(cfg, seed=1)
-    src.refresh_history_cache(ITEMS.texts)
+    src_objective = _objective(src)
+    refresh_history_cache(src, ITEMS.texts)
     with torch.no_grad():
         src.item_proj.weight.add_(0.5)
-        src.action_loss.log_temperature.fill_(-2.0)
-    src.save_pretrained(tmp_path)
-    dst = KarmaModel.from_pretrained(tmp_path, cfg).eval()
+        src_objective.action_loss.log_temperature.fill_(-2.0)
+    save_checkpoint(tmp_path, src, None, None, 0, cfg, objective=src_objective)
+    dst, _ = load_model(tmp_path)
     for (name, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
         assert torch.equal(a, b), name
     lm = dst.base_lm
     assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
-    a = src.encode_catalog(ITEMS.texts, progress=False).item_emb
-    b = dst.encode_catalog(ITEMS.texts, progress=False).item_emb
+    a = encode_catalog(src, ITEMS.texts, progress=False).item_emb
+    b = encode_catalog(dst, ITEMS.texts, progress=False).item_emb
     assert torch.equal(a, b)
+    dst_objective = _objective(_build(cfg, seed=2))
+    load_checkpoint(tmp_path, dst_objective.model, objective=dst_objective, restore_rng=False)
+    assert dst_objective.action_loss.log_temperature.item() == -2.0
     with pytest.raises(KarmaError):
-        KarmaModel.from_pretrained(tmp_path, _cfg(emb_dim=8))
+        load_weights(tmp_path, _build(_cfg(emb_dim=8)))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -256,7 +271,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         m = _build(_cfg(gradient_checkpointing=checkpointing)).train()
-        m.compute_losses(batch)["loss"].backward()
+        _objective(m)(batch)["loss"].backward()
         grads.append(m.base_lm.get_decoder().layers[0].self_attn.q_proj.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -265,9 +280,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_bf16_autocast_keeps_losses_close(model):
     batch = BatchBuilder(model.tokenizer, ITEMS, model.cfg)(EXAMPLES, ROWS)
     with torch.no_grad():
-        full = model.compute_losses(batch)
+        full = _objective(model)(batch)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            half = model.compute_losses(batch)
+            half = _objective(model)(batch)
     assert half["act_loss"].dtype == torch.float32
     assert half["act_loss"].item() == pytest.approx(full["act_loss"].item(), rel=0.05)
     assert half["gen_loss"].item() == pytest.approx(full["gen_loss"].item(), rel=0.05)
@@ -281,7 +296,7 @@ def test_smollm2_backbone_predicts_targets_better_than_chance():
     assert smol.tokenizer.bos_token_id is not None and smol.tokenizer.pad_token_id is not None
     batch = BatchBuilder(smol.tokenizer, ITEMS, cfg)(EXAMPLES, [0, 1])
     with torch.no_grad():
-        out = smol.compute_losses(batch)
+        out = _objective(smol)(batch)
     # The pretrained LM already reads item titles: far below the uniform log(49k) = 10.8.
     assert out["gen_loss"].item() < 0.6 * np.log(len(smol.tokenizer))
     assert torch.isfinite(out["loss"])

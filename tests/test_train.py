@@ -92,7 +92,7 @@ def read_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
-    from karma.train import lr_factor
+    from karma.optim import lr_factor
 
     values = [lr_factor(s, 4, 20, 0.1) for s in range(21)]
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -134,6 +134,34 @@ def test_golden_five_steps(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["steps"] == 5
     assert set(summary["final_losses"]) >= {"loss", "act_loss", "gen_loss", "rec_loss"}
+
+
+def test_train_step_called_directly_gives_the_loops_first_step(tmp_path: Path) -> None:
+    """train_step outside the loop (as benchmarks/step_cost.py calls it) is the loop's step."""
+    from karma.batching import BatchBuilder
+    from karma.data import load_or_prepare
+    from karma.model import build_model
+    from karma.objective import KarmaObjective
+    from karma.optim import build_optimizer, build_scheduler
+    from karma.train import _batch_generator, batch_indices, train_step
+
+    cfg = tiny_config(tmp_path, "loss.preset=karma")
+    data = load_or_prepare(cfg)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    objective = KarmaObjective(build_model(cfg), cfg.loss).train()
+    optimizer = build_optimizer(objective, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    builder = BatchBuilder(objective.model.tokenizer, data.items, cfg, seed=cfg.train.seed)
+    train_split = data.split("train")
+    idx = batch_indices(len(train_split), 0, 0, 1, cfg.train.batch_size, 0, 1, cfg.train.seed)
+    batch = builder(train_split, idx, generator=_batch_generator(cfg.train.seed, 0, 0, 0))
+    before = objective.model.user_proj.weight.detach().clone()
+    stats = train_step(objective, optimizer, scheduler, lambda micro: batch, clip_norm=1.0)
+    assert list(stats)[:1] == ["loss"] and {"grad_norm", "temperature", "rec_loss"} <= set(stats)
+    assert stats["loss"] == pytest.approx(GOLDEN_LOSSES[0], abs=GOLDEN_TOL)
+    assert not torch.equal(before, objective.model.user_proj.weight)
+    assert all(p.grad is None for p in objective.parameters())
 
 
 @pytest.mark.parametrize("history_source", ["live", "cache"])
@@ -195,10 +223,10 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
 def test_nan_stops_and_keeps_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import karma.model
+    import karma.objective
     from karma.train import TrainingDivergedError, train
 
-    original = karma.model.KarmaModel.forward  # calling the model == compute_losses
+    original = karma.objective.KarmaObjective.forward
     calls = {"n": 0}
 
     def poisoned(self, batch):
@@ -210,7 +238,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(
             out["loss"] = out["loss"] + out["gen_loss"]
         return out
 
-    monkeypatch.setattr(karma.model.KarmaModel, "forward", poisoned)
+    monkeypatch.setattr(karma.objective.KarmaObjective, "forward", poisoned)
     cfg = tiny_config(tmp_path, "loss.preset=karma", "train.steps=6", "train.save_every=2")
     with pytest.raises(TrainingDivergedError, match=r"step 4: .*gen_loss=nan") as err:
         train(cfg)
@@ -325,10 +353,11 @@ if __name__ == "__main__":
 
 def test_monitor_logs_sink_rate_and_fidelity(tmp_path):
     """train.monitor_every > 0: the probe's attention and fidelity figures land in log.jsonl."""
+    from karma.analysis import SinkMonitor
     from karma.train import train
 
     cfg = tiny_config(tmp_path, "train.steps=4", "train.monitor_every=2")
-    run_dir = train(cfg)
+    run_dir = train(cfg, monitor=SinkMonitor.from_config)
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     probed = [r for r in rows if "monitor/sink_rate_first_emb" in r]
     assert [r["step"] for r in probed] == [2, 4]

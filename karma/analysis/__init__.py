@@ -3,11 +3,12 @@
     from karma.analysis import analyze, SinkMonitor
     analyze("runs/karma/checkpoints/best", compare="runs/ao/checkpoints/best",
             out_dir="runs/analysis")                   # analysis.md, analysis.json, PNGs
-    monitor = SinkMonitor.from_config(cfg, prepared)   # training-time probe (see monitor.py)
+    train(cfg, monitor=SinkMonitor.from_config)        # training-time probe (see monitor.py)
 
-Modules: `attention` (pure metrics over attention tensors), `fidelity` (text metrics, greedy
-decoding from R(u), post-hoc fit of R), `collect` (eager-attention forward of a KarmaModel),
-`plots` (PNGs), `monitor` (training-time probe), `run` (`analyze`, `karma analyze`).
+Modules: `attention` (pure metrics over attention tensors), `fidelity` (text metrics, ranks of
+decoded texts, post-hoc fit of R; greedy decoding itself is karma.inference), `collect`
+(eager-attention forward of a KarmaModel), `plots` (PNGs), `monitor` (training-time probe),
+`run` (`analyze`, `karma analyze`).
 """
 
 from karma.analysis.monitor import ProbeBatch, SinkMonitor, build_probe_batch, probe

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from karma.analysis import attention as A
+from karma.inference import build_user_inputs
 
 
 @contextmanager
@@ -80,7 +81,8 @@ def collect_emb_attention(
     starts = range(0, len(histories), batch_size)
     for start in tqdm(starts, desc="attention probe", disable=not progress, leave=False):
         batch_hist = [list(h) for h in histories[start : start + batch_size]]
-        inputs = model.build_user_inputs(
+        inputs = build_user_inputs(
+            model,
             batch_hist, list(queries[start : start + batch_size]), catalog, item_texts
         )
         attention_mask = inputs["attention_mask"].to(device)

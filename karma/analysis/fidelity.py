@@ -1,8 +1,6 @@
 """Semantic fidelity: can the user embedding u be decoded back into the target item's text?
 
-    prefix = model.reconstruction_prefix(user_emb)             # (B, m, d) soft tokens R(u)
-    token_ids = greedy_decode(model.backbone, prefix, eos_token_id=model.tokenizer.eos_token_id)
-    texts = model.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+    texts = karma.inference.decode_from_embedding(model, user_emb)   # greedy text from R(u)
     scores = text_metrics(texts, target_texts, target_categories)  # token_f1, rouge_l, ...
 
 For a model trained without L_rec (presets action_only, gen) R never learned anything, so
@@ -23,7 +21,6 @@ tokens (`normalize_tokens`):
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,6 +28,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from karma.losses import TokenCrossEntropy
+from karma.metrics import target_ranks
 
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -115,92 +115,28 @@ def text_metrics(
     return out
 
 
-def target_ranks(
+def catalog_ranks(
     query_emb: torch.Tensor, item_emb: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """1-based rank of each target among all items by inner product; items tied with the target
-    rank ahead of it (pessimistic, so ties never inflate the metric).
+) -> np.ndarray:
+    """0-based rank of each target among all items by inner product, ties pessimistic
+    (`karma.metrics.target_ranks` over the whole catalog).
 
-    query_emb `(B, k)`, item_emb `(N, k)`, targets `(B,)` item_idx -> `(B,)` long.
+    query_emb `(B, k)`, item_emb `(N, k)`, targets `(B,)` item_idx -> `(B,)` int64.
     """
-    scores = query_emb.float() @ item_emb.float().T  # (B, N)
-    targets = targets.long()
-    target_score = scores.gather(1, targets[:, None])  # (B, 1)
-    ahead = (scores >= target_score).sum(dim=1)  # includes the target itself
-    return ahead
+    scores = (query_emb.float() @ item_emb.float().T).numpy()  # (B, N)
+    ids = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    return target_ranks(ids, np.asarray(targets), scores)
 
 
 def rank_metrics(
-    ranks: torch.Tensor, prefix: str = "text_query_", ks: Sequence[int] = (10,)
+    ranks: np.ndarray, prefix: str = "text_query_", ks: Sequence[int] = (10,)
 ) -> dict[str, float]:
-    """Median rank, MRR and hr@k of 1-based ranks."""
-    ranks = ranks.float()
+    """Median rank (1 = best), MRR and hr@k of 0-based ranks."""
+    ranks = torch.as_tensor(np.asarray(ranks)).float() + 1  # 1-based
     out = {f"{prefix}rank_median": float(ranks.median()), f"{prefix}mrr": float((1 / ranks).mean())}
     for k in ks:
         out[f"{prefix}hr@{k}"] = float((ranks <= k).float().mean())
     return out
-
-
-def _cache_keyword(backbone: torch.nn.Module) -> str:
-    """transformers >= 5.24 calls the KV cache argument `cache` (`past_key_values` before)."""
-    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone  # peft
-    return (
-        "cache"
-        if "cache" in inspect.signature(type(base).forward).parameters
-        else ("past_key_values")
-    )
-
-
-@torch.no_grad()
-def greedy_decode(
-    backbone: torch.nn.Module,
-    prefix_embeds: torch.Tensor,
-    eos_token_id: int,
-    max_new_tokens: int = 32,
-    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> list[list[int]]:
-    """Greedy tokens generated after soft prefix embeddings, stopping at eos (not included).
-
-    backbone: a HF causal LM; prefix_embeds `(B, m, d)` (R(u): nothing from the history is
-    visible); embed: token ids `(B, 1)` -> `(B, 1, d)` (default: the backbone's input
-    embeddings; KarmaModel passes `embed_tokens`, its learnable special rows included). Uses the
-    KV cache, so each step feeds only the last token.
-    """
-    embed = embed or backbone.get_input_embeddings()
-    B = prefix_embeds.shape[0]
-    cache_kw = _cache_keyword(backbone)
-    out = backbone(inputs_embeds=prefix_embeds, use_cache=True)
-    cache, logits = getattr(out, cache_kw), out.logits[:, -1]  # (B, V)
-    tokens: list[list[int]] = [[] for _ in range(B)]
-    finished = torch.zeros(B, dtype=torch.bool, device=prefix_embeds.device)
-    for _ in range(max_new_tokens):
-        next_ids = logits.argmax(dim=-1)  # (B,)
-        finished |= next_ids == eos_token_id
-        for b in (~finished).nonzero().flatten().tolist():
-            tokens[b].append(int(next_ids[b]))
-        if bool(finished.all()):
-            break
-        # Finished rows keep decoding (the batch stays rectangular); their tokens are dropped.
-        out = backbone(inputs_embeds=embed(next_ids[:, None]), use_cache=True, **{cache_kw: cache})
-        cache, logits = getattr(out, cache_kw), out.logits[:, -1]
-    return tokens
-
-
-@torch.no_grad()
-def decode_user_embeddings(
-    model: torch.nn.Module, user_emb: torch.Tensor, max_new_tokens: int = 32, batch_size: int = 64
-) -> list[str]:
-    """Greedy text from R(u) for each row of user_emb `(B, k)` (nothing else visible)."""
-    device = next(model.parameters()).device
-    tokenizer = model.tokenizer
-    texts: list[str] = []
-    for start in range(0, user_emb.shape[0], batch_size):
-        prefix = model.reconstruction_prefix(user_emb[start : start + batch_size].to(device))
-        ids = greedy_decode(
-            model.base_lm, prefix, tokenizer.eos_token_id, max_new_tokens, embed=model.embed_tokens
-        )
-        texts.extend(t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
-    return texts
 
 
 def reconstruction_loss(
@@ -217,7 +153,7 @@ def reconstruction_loss(
     prefix = model.reconstruction_prefix(user_emb.to(model.device))  # (B, m, d)
     text_emb = model.embed_tokens(ids[:, m:])  # (B, T - m, d)
     hidden = model.run_decoder(torch.cat([prefix.to(text_emb.dtype), text_emb], dim=1), mask)
-    return model.token_loss(hidden, label_ids, model.base_lm.get_output_embeddings())
+    return TokenCrossEntropy()(hidden, label_ids, model.base_lm.get_output_embeddings())
 
 
 def fit_reconstruction_head(

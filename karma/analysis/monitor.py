@@ -1,12 +1,12 @@
 """Training-time probe: attention-sink and fidelity numbers of a small fixed set of users.
 
-The train loop builds one monitor and calls it every step (it acts every `every` steps), on rank
-0 only, with the unwrapped model (no DDP forward, no collectives, no RNG drawn):
+It is handed to the train loop as a factory, `train(cfg, monitor=SinkMonitor.from_config)` (the
+CLI does so when train.monitor_every > 0); the loop builds one monitor on rank 0 and calls it every
+step (it acts every `every` steps) with the unwrapped model (no DDP forward, no collectives, no
+RNG drawn):
 
     monitor = SinkMonitor.from_config(cfg, prepared)   # cfg.train.monitor_every=0: no-op
-    ...
-    if dist.is_main:
-        record.update(monitor(unwrap_model(model), step) or {})
+    record.update(monitor(model, step) or {})
 
     probe(model, probe_batch)  # -> {"sink_rate_first": ..., "emb_to_first_mass": ...,
                                #     "fidelity_token_f1": ..., ...}
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from karma.analysis.collect import collect_emb_attention, eager_attention, summarize_attention
-from karma.analysis.fidelity import decode_user_embeddings, text_metrics
+from karma.analysis.fidelity import text_metrics
+from karma.inference import decode_from_embedding, encode_catalog, encode_users
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def probe(
     was_training = model.training
     model.eval()
     try:
-        catalog = model.encode_catalog(probe_batch.item_texts, progress=False)
+        catalog = encode_catalog(model, probe_batch.item_texts, progress=False)
         with eager_attention(model.base_lm):
             attention = collect_emb_attention(
                 model,
@@ -103,10 +104,11 @@ def probe(
         summary = summarize_attention(attention, eps=eps)
         out = {k: float(summary[k]) for k in SUMMARY_KEYS}
         if decode:
-            user_emb = model.encode_users(
+            user_emb = encode_users(
+                model,
                 probe_batch.histories, probe_batch.queries, catalog, probe_batch.item_texts
             )
-            decoded = decode_user_embeddings(model, user_emb, max_new_tokens=max_new_tokens)
+            decoded = decode_from_embedding(model, user_emb, max_new_tokens=max_new_tokens)
             targets = [probe_batch.item_texts[t] for t in probe_batch.targets]
             scores = text_metrics(decoded, targets, probe_batch.target_categories)
             out.update({f"fidelity_{k}": v for k, v in scores.items()})

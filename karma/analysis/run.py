@@ -30,14 +30,13 @@ from karma.analysis import attention as A
 from karma.analysis import plots
 from karma.analysis.collect import collect_emb_attention, eager_attention, summarize_attention
 from karma.analysis.fidelity import (
-    decode_user_embeddings,
+    catalog_ranks,
     fit_reconstruction_head,
     rank_metrics,
-    target_ranks,
     text_metrics,
 )
 from karma.atomic import ensure_output_dir
-from karma.config import Config, apply_overrides, load_config
+from karma.config import Config, load_config
 from karma.errors import KarmaError
 
 LAYER_COLUMNS = (
@@ -68,18 +67,13 @@ FIDELITY_KEYS = (
 )
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_for_analysis(
     checkpoint: str | Path, overrides: list[str] | None = None
 ) -> tuple[torch.nn.Module, Config, bool]:
     """(model in eval mode, config, fresh) for a checkpoint dir, a run dir or a backbone name;
     `fresh` is True for a backbone name (heads untrained)."""
     from karma.checkpoint import load_model
+    from karma.distributed import resolve_device
     from karma.model import build_model
 
     path = Path(checkpoint)
@@ -87,9 +81,8 @@ def load_for_analysis(
         # A run directory holds config.yaml too, so a checkpoint is recognized by its weights.
         for candidate in (path, path / "checkpoints" / "best", path / "checkpoints" / "last"):
             if (candidate / "model.safetensors").exists():
-                model, cfg = load_model(candidate)
-                cfg = apply_overrides(cfg, overrides or [])
-                return model.to(_resolve_device(cfg.train.device)).eval(), cfg, False
+                model, cfg = load_model(candidate, overrides)
+                return model, cfg, False
         raise KarmaError(
             f"{path}: neither a checkpoint (no model.safetensors) nor a run "
             "directory (no checkpoints/best or checkpoints/last)"
@@ -97,7 +90,7 @@ def load_for_analysis(
     if "/" in str(checkpoint) or str(checkpoint).startswith("."):
         raise KarmaError(f"{checkpoint}: no such checkpoint directory")
     cfg = load_config(None, [f"model.backbone={checkpoint}", *(overrides or [])])
-    model = build_model(cfg).to(_resolve_device(cfg.train.device)).eval()
+    model = build_model(cfg).to(resolve_device(cfg.train.device)).eval()
     return model, cfg, True
 
 
@@ -115,7 +108,8 @@ def _heatmap_layers(cfg: Config, n_layers: int) -> list[int]:
 
 def _fit_r(model: torch.nn.Module, cfg: Config, prepared: Any, catalog: Any) -> str:
     """Fit R post hoc on training examples; returns a description for the report."""
-    from karma.train import lr_factor
+    from karma.inference import encode_users
+    from karma.optim import lr_factor
 
     tc = cfg.train
     steps = cfg.analysis.fit_steps if cfg.analysis.fit_steps >= 0 else tc.steps
@@ -128,7 +122,8 @@ def _fit_r(model: torch.nn.Module, cfg: Config, prepared: Any, catalog: Any) -> 
     histories = [train.histories[r] for r in rows]
     queries = [train.queries[r] for r in rows]
     texts = [prepared.items.texts[int(train.targets[r])] for r in rows]
-    user_emb = model.encode_users(
+    user_emb = encode_users(
+        model,
         histories,
         queries,
         catalog,
@@ -158,7 +153,8 @@ def analyze_checkpoint(
     checkpoint: str | Path, overrides: list[str] | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """All numbers for one checkpoint (see `analyze`); the model is freed afterwards."""
-    from karma.data import load_prepared
+    from karma.data import load_or_prepare
+    from karma.inference import decode_from_embedding, encode_catalog, encode_users
     from karma.losses import loss_weights
 
     model, cfg, fresh = load_for_analysis(checkpoint, overrides)
@@ -166,7 +162,7 @@ def analyze_checkpoint(
         torch.set_num_threads(cfg.train.num_threads)
     ac = cfg.analysis
     layers = _heatmap_layers(cfg, model.base_lm.config.num_hidden_layers)  # fail before work
-    prepared = load_prepared(cfg.data.prepared_dir)
+    prepared = load_or_prepare(cfg)
     items = prepared.items
     split = prepared.split(ac.split)
     rng = np.random.default_rng(ac.seed)
@@ -178,7 +174,7 @@ def analyze_checkpoint(
     queries = [split.queries[r] for r in rows]
     targets = torch.tensor([int(split.targets[r]) for r in rows])
 
-    catalog = model.encode_catalog(items.texts, progress=progress)
+    catalog = encode_catalog(model, items.texts, progress=progress)
     with eager_attention(model.base_lm):
         probe = collect_emb_attention(
             model,
@@ -198,14 +194,14 @@ def analyze_checkpoint(
         r_source = _fit_r(model, cfg, prepared, catalog)
     else:
         r_source = f"trained jointly with L_rec (lambda_rec={lambda_rec:g})"
-    user_emb = model.encode_users(histories, queries, catalog, items.texts)
-    decoded = decode_user_embeddings(model, user_emb, max_new_tokens=ac.max_new_tokens)
+    user_emb = encode_users(model, histories, queries, catalog, items.texts)
+    decoded = decode_from_embedding(model, user_emb, max_new_tokens=ac.max_new_tokens)
     target_texts = [items.texts[int(t)] for t in targets]
     fidelity = text_metrics(decoded, target_texts, [items.categories[int(t)] for t in targets])
-    decoded_emb = model.encode_catalog(decoded, progress=False).item_emb
-    fidelity.update(rank_metrics(target_ranks(decoded_emb, catalog.item_emb, targets)))
+    decoded_emb = encode_catalog(model, decoded, progress=False).item_emb
+    fidelity.update(rank_metrics(catalog_ranks(decoded_emb, catalog.item_emb, targets)))
     fidelity.update(
-        rank_metrics(target_ranks(user_emb, catalog.item_emb, targets), prefix="user_query_")
+        rank_metrics(catalog_ranks(user_emb, catalog.item_emb, targets), prefix="user_query_")
     )
     label = str(checkpoint)
     result = {

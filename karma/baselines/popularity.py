@@ -4,17 +4,17 @@
     user_emb, item_emb = popularity_embeddings(counts, len(examples))  # score = count
 
 The count is over ALL training-part interactions (each user's uncapped sequence before the
-validation item, `karma.baselines.training_sequences`), not over train targets only, which would
-miss each user's first item and everything hidden by the history cap. Validation and test items
-are never counted, so nothing leaks. Items with equal counts tie, and the evaluator's pessimistic
-tie rule charges the tie to the target.
+validation item, `karma.baselines.protocol.training_sequences`), not over train targets only,
+which would miss each user's first item and everything hidden by the history cap. Validation and
+test items are never counted, so nothing leaks. Items with equal counts tie, and the evaluator's
+pessimistic tie rule charges the tie to the target.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from karma.baselines import training_sequences
+from karma.baselines.protocol import training_sequences
 
 
 def popularity_counts(data) -> np.ndarray:

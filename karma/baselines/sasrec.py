@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from karma.baselines import split_sequences, training_sequences
+from karma.baselines.protocol import split_sequences, training_sequences
 from karma.config import Config
 
 
@@ -195,7 +195,7 @@ def train_sasrec(data, cfg: Config, log_path: str | Path | None = None) -> tuple
     gain. Returns the best model (eval mode) and one log record per epoch (also appended to
     `log_path` as JSON lines when given).
     """
-    from karma.baselines import evaluate_split, primary_metrics
+    from karma.baselines.protocol import evaluate_split, primary_metrics
 
     s = cfg.baseline.sasrec
     if cfg.train.num_threads > 0:

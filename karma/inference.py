@@ -1,0 +1,252 @@
+"""Inference with a KarmaModel: encode a catalog, encode users, decode text from u.
+
+    model, cfg = karma.checkpoint.load_model(checkpoint_dir)
+    catalog = encode_catalog(model, item_texts, batch_size=64)     # CatalogEncoding
+    user_emb = encode_users(model, histories, queries, catalog, item_texts)   # (B, k)
+    texts = decode_from_embedding(model, user_emb)                  # greedy text from R(u)
+
+Everything here runs in eval mode without gradients (the model's mode is restored afterwards)
+and returns float32 tensors on CPU. Prompts come from karma/batching.py, the same layout and
+collation as training, so an embedding computed here equals the one the loss saw (tested).
+Evaluation, analysis, the training loop's validation and serving all use this module.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from karma.batching import collate_user_prompts, pad_sequences
+from karma.distributed import gather_no_grad
+from karma.errors import KarmaError
+from karma.model import KarmaModel
+
+
+@dataclass
+class CatalogEncoding:
+    """Item tower outputs for a catalog, float32 on CPU, rows in item_idx order."""
+
+    item_emb: torch.Tensor  # (N, k) L2-normalized e_i
+    item_hidden: torch.Tensor  # (N, d) h_i, the input of P_h for history tokens
+
+
+def check_image_features(model: KarmaModel, image_features: Any, n: int) -> torch.Tensor | None:
+    """Image features as a float32 (n, image_dim) tensor, or None for a model without images."""
+    image_dim = model.cfg.model.image_dim
+    if image_dim <= 0:
+        if image_features is not None:
+            raise KarmaError("image_features given but the model has model.image_dim=0")
+        return None
+    if image_features is None:
+        raise KarmaError(
+            f"the model has an image token (model.image_dim={image_dim}); pass image_features"
+        )
+    feats = torch.as_tensor(np.asarray(image_features), dtype=torch.float32)
+    if feats.shape != (n, image_dim):
+        raise KarmaError(
+            f"image_features: expected shape ({n}, {image_dim}), got {tuple(feats.shape)}"
+        )
+    return feats
+
+
+@torch.no_grad()
+def encode_catalog(
+    model: KarmaModel,
+    item_texts: Sequence[str],
+    batch_size: int = 64,
+    image_features: np.ndarray | torch.Tensor | None = None,
+    progress: bool = True,
+) -> CatalogEncoding:
+    """Item tower over a catalog; rows follow `item_texts`."""
+    feats = check_image_features(model, image_features, len(item_texts))
+    was_training = model.training
+    model.eval()
+    prompt = model.prompt
+    seqs = [
+        prompt.item(ids, image=feats is not None) for ids in prompt.encode_many(list(item_texts))
+    ]
+    # Batches of similar length waste little compute on padding.
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    item_emb = torch.zeros(len(seqs), model.cfg.model.emb_dim)
+    item_hidden = torch.zeros(len(seqs), model.hidden_size)
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc="encode items", disable=not progress, leave=False):
+        idx = order[s : s + batch_size]
+        ids, mask, _ = pad_sequences([seqs[i] for i in idx], prompt.pad_id)
+        img = feats[idx].to(model.device) if feats is not None else None
+        hidden, emb = model.encode_items(ids.to(model.device), mask.to(model.device), img)
+        item_emb[idx] = emb.float().cpu()
+        item_hidden[idx] = hidden.float().cpu()
+    model.train(was_training)
+    return CatalogEncoding(item_emb=item_emb, item_hidden=item_hidden)
+
+
+def build_user_inputs(
+    model: KarmaModel,
+    histories: Sequence[Sequence[int]],
+    queries: Sequence[str],
+    catalog: CatalogEncoding | None,
+    item_texts: Sequence[str] | None = None,
+    padding_side: str = "right",
+) -> dict[str, torch.Tensor]:
+    """Inputs of the user tower without targets, on the model's device.
+
+    Returns inputs_embeds (B, T, d), attention_mask (B, T), position_ids (B, T),
+    emb_positions (B,), history_positions (B, n) (-1 padded; <HIST> tokens, or the last
+    token of each item text for the text interface) and first_positions (B,) (<bos>).
+    Run `model.base_lm.get_decoder()` or `model.backbone` on them (same position ids).
+    """
+    if len(histories) != len(queries):
+        raise KarmaError(f"{len(histories)} histories but {len(queries)} queries")
+    continuous = model.cfg.model.interface == "continuous"
+    if continuous and catalog is None:
+        raise KarmaError("the continuous interface needs the catalog encoding")
+    if not continuous and item_texts is None:
+        raise KarmaError("the text interface needs item_texts")
+    n_items = catalog.item_hidden.shape[0] if continuous else len(item_texts)
+    for b, hist in enumerate(histories):
+        for i in hist:
+            if not 0 <= int(i) < n_items:
+                raise KarmaError(f"histories[{b}]: item index {i} outside [0, {n_items})")
+    history_texts = (
+        None if continuous else [[item_texts[int(i)] for i in hist] for hist in histories]
+    )
+    user = collate_user_prompts(model.prompt, histories, queries, history_texts, None, padding_side)
+    device = model.device
+    ids, mask = user["input_ids"].to(device), user["attention_mask"].to(device)
+    history_hidden = None
+    if continuous:
+        flat = [int(i) for h in histories for i in h]
+        history_hidden = catalog.item_hidden[torch.tensor(flat, dtype=torch.long)].to(device)
+    return {
+        "inputs_embeds": model.user_embeds(ids, history_hidden),
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "emb_positions": user["emb_positions"].to(device),
+        "history_positions": user["history_positions"].to(device),
+        "first_positions": user["first_positions"].to(device),
+    }
+
+
+@torch.no_grad()
+def encode_users(
+    model: KarmaModel,
+    histories: Sequence[Sequence[int]],
+    queries: Sequence[str],
+    catalog: CatalogEncoding | None,
+    item_texts: Sequence[str] | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> torch.Tensor:
+    """User embeddings u (B, k). `item_texts` is needed only by the text interface."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(histories), model.cfg.model.emb_dim)
+    starts = range(0, len(histories), batch_size)
+    for s in tqdm(starts, desc="encode users", disable=not progress, leave=False):
+        inputs = build_user_inputs(
+            model, histories[s : s + batch_size], queries[s : s + batch_size], catalog, item_texts
+        )
+        hidden = model.run_decoder(inputs["inputs_embeds"], inputs["attention_mask"])
+        out[s : s + batch_size] = model.user_from_hidden(hidden, inputs["emb_positions"]).cpu()
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def refresh_history_cache(
+    model: KarmaModel,
+    item_texts: Sequence[str],
+    batch_size: int = 64,
+    image_features: np.ndarray | torch.Tensor | None = None,
+    progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """Recompute h_i of every item into `model.history_cache` (history_source=cache). Under DDP
+    each rank encodes an interleaved shard and the shards are gathered."""
+    n = len(item_texts)
+    shard = list(range(rank, n, world_size))
+    feats = check_image_features(model, image_features, n)
+    enc = encode_catalog(
+        model,
+        [item_texts[i] for i in shard],
+        batch_size,
+        feats[shard] if feats is not None else None,
+        progress,
+    )
+    hidden = enc.item_hidden.to(model.device)
+    if world_size > 1:
+        # Rank r holds items r, r + W, ...: gather, then undo the interleaving.
+        gathered = gather_no_grad(hidden)
+        index = torch.cat([torch.arange(r, n, world_size) for r in range(world_size)])
+        hidden = torch.empty_like(gathered)
+        hidden[index.to(model.device)] = gathered
+    model.history_cache = hidden.to(model.special_embeds.dtype)
+
+
+def _cache_keyword(backbone: torch.nn.Module) -> str:
+    """transformers >= 5.24 calls the KV cache argument `cache` (`past_key_values` before)."""
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone  # peft
+    return (
+        "cache"
+        if "cache" in inspect.signature(type(base).forward).parameters
+        else ("past_key_values")
+    )
+
+
+@torch.no_grad()
+def greedy_decode(
+    backbone: torch.nn.Module,
+    prefix_embeds: torch.Tensor,
+    eos_token_id: int,
+    max_new_tokens: int = 32,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[list[int]]:
+    """Greedy tokens generated after soft prefix embeddings, stopping at eos (not included).
+
+    backbone: a HF causal LM; prefix_embeds `(B, m, d)` (R(u): nothing from the history is
+    visible); embed: token ids `(B, 1)` -> `(B, 1, d)` (default: the backbone's input
+    embeddings; `decode_from_embedding` passes `model.embed_tokens`, its learnable special rows
+    included). Uses the KV cache, so each step feeds only the last token.
+    """
+    embed = embed or backbone.get_input_embeddings()
+    B = prefix_embeds.shape[0]
+    cache_kw = _cache_keyword(backbone)
+    out = backbone(inputs_embeds=prefix_embeds, use_cache=True)
+    cache, logits = getattr(out, cache_kw), out.logits[:, -1]  # (B, V)
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    finished = torch.zeros(B, dtype=torch.bool, device=prefix_embeds.device)
+    for _ in range(max_new_tokens):
+        next_ids = logits.argmax(dim=-1)  # (B,)
+        finished |= next_ids == eos_token_id
+        for b in (~finished).nonzero().flatten().tolist():
+            tokens[b].append(int(next_ids[b]))
+        if bool(finished.all()):
+            break
+        # Finished rows keep decoding (the batch stays rectangular); their tokens are dropped.
+        out = backbone(inputs_embeds=embed(next_ids[:, None]), use_cache=True, **{cache_kw: cache})
+        cache, logits = getattr(out, cache_kw), out.logits[:, -1]
+    return tokens
+
+
+@torch.no_grad()
+def decode_from_embedding(
+    model: KarmaModel, user_emb: torch.Tensor, max_new_tokens: int = 32, batch_size: int = 64
+) -> list[str]:
+    """Greedy text from R(u) for each row of user_emb `(B, k)` (nothing else visible)."""
+    tokenizer = model.tokenizer
+    texts: list[str] = []
+    for start in range(0, user_emb.shape[0], batch_size):
+        prefix = model.reconstruction_prefix(user_emb[start : start + batch_size].to(model.device))
+        ids = greedy_decode(
+            model.base_lm, prefix, tokenizer.eos_token_id, max_new_tokens, embed=model.embed_tokens
+        )
+        texts.extend(t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
+    return texts
