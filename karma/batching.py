@@ -124,6 +124,8 @@ class PromptFormat:
         Continuous interface: `n_history` <HIST> placeholders. Text interface: `history_texts`
         written out, separated by ";" (history position = last token of each text). With
         `target_ids`, " Next: {target}<eos>" follows <EMB> and labels mark the target tokens.
+        With model.readout=history a query-less continuous prompt has no <EMB>: the embedding
+        position is its last <HIST>.
         """
         ids = list(self.bos)
         if query:
@@ -141,8 +143,13 @@ class PromptFormat:
                 positions.append(len(ids) - 1)
                 if j < len(history_texts) - 1:
                     ids += self.sep_ids
-        emb_position = len(ids)
-        ids.append(self.emb_id)
+        if self.cfg.readout == "history" and not query and positions and history_texts is None:
+            # u is read at the last history token (model.readout=history): exactly what each
+            # position of a user sequence is trained to predict under train.objective=sequence
+            emb_position = positions[-1]
+        else:
+            emb_position = len(ids)
+            ids.append(self.emb_id)
         labels = [IGNORE_INDEX] * len(ids)
         if target_ids is not None:
             ids += self.next_ids
@@ -201,6 +208,18 @@ def collate_user_prompts(
     return out
 
 
+def history_id_map(
+    history_items: torch.Tensor, history_positions: torch.Tensor, length: int
+) -> torch.Tensor:
+    """(B, length) item index at each history token position, -1 elsewhere: where a hybrid
+    model adds item-ID embeddings. history_items / history_positions (B, n), -1 padded."""
+    out = torch.full((history_items.shape[0], length), -1, dtype=torch.long,
+                     device=history_items.device)
+    rows, cols = (history_positions >= 0).nonzero(as_tuple=True)
+    out[rows, history_positions[rows, cols]] = history_items[rows, cols]
+    return out
+
+
 class BatchBuilder:
     """Turns examples into the tensors `karma.objective.KarmaObjective` reads.
 
@@ -215,7 +234,8 @@ class BatchBuilder:
       item_input_ids, item_attention_mask (U, Ti); item_ids (U,) global item index;
       candidate_count () ; positive_index (B,) into the candidates;
       user_input_ids, user_attention_mask (B, T); emb_positions (B,);
-      history_items (B, n) global index, -1 padded (continuous interface);
+      history_items (B, n) global index, history_positions (B, n) their token positions, -1
+      padded (continuous interface);
       history_index (B, n) into the U items, -1 padded (history_source=live only);
       user_labels (B, T) (gen on); rec_input_ids, rec_attention_mask, rec_labels (rec on);
       item_image_features (U, D), target_image_features (B, D) (images).
@@ -354,6 +374,7 @@ class BatchBuilder:
             for b, h in enumerate(histories):
                 hist_items[b, : len(h)] = torch.tensor(h, dtype=torch.long)
             batch["history_items"] = hist_items
+            batch["history_positions"] = user["history_positions"]
             if live:
                 hist_index = torch.full((len(rows), n), -1, dtype=torch.long)
                 for b, h in enumerate(histories):

@@ -60,6 +60,20 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     freeze_layers: int = 0  # freeze embeddings and the lower N transformer layers
+    # Conditioning of the item states h_i before P_h and W_e, with catalog statistics refreshed
+    # with the history cache: none | center (minus the catalog mean) | standardize (and / std)
+    item_norm: str = "none"
+    # Hybrid items: a learnable ID embedding added to e_i and to the history token (at the first
+    # trainable layer); dropped with probability id_dropout in training, absent for items never
+    # seen in training (text-only fallback)
+    item_ids: bool = False
+    id_dropout: float = 0.0
+    # Where u is read: emb (the <EMB> token) | history (a query-less prompt ends at its last
+    # history token and u is read there, as every position is read in train.objective=sequence)
+    readout: str = "emb"
+    # false: the item tower runs with the LoRA adapters off, i.e. the pretrained LLM, so catalog
+    # states never drift from the ones the user tower was trained on (needs model.lora)
+    train_item_tower: bool = True
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
 
@@ -77,11 +91,21 @@ class LossConfig:
     sampled_negatives: int = 0  # uniform catalog negatives per batch
     hard_negatives: bool = True  # use impressions shown but not clicked, when the data has them
     max_hard_negatives: int = 8  # per example; more impressions are subsampled (0 = all)
+    # Score each example against the whole catalog (cached item states through W_e) instead of the
+    # in-batch candidates; catalog_samples > 0 samples that many items by training frequency with
+    # the logQ correction instead (for catalogs too large to score whole)
+    catalog_softmax: bool = False
+    catalog_samples: int = 0
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/train"
+    # prompt: one example per (history, target) through the whole LLM | sequence: every position
+    # of a user's training sequence is a readout (dense next-item supervision); the frozen lower
+    # model.freeze_layers layers run once per user sequence and are cached (needs no query)
+    objective: str = "prompt"
+    sequence_max_len: int = 200  # most recent training items per user sequence (objective=sequence)
     steps: int = 1000
     batch_size: int = 32
     grad_accum: int = 1
@@ -116,6 +140,12 @@ class EvalConfig:
     ivf_nprobe: int = 16
     batch_size: int = 256
     max_users: int = 0  # 0 = all users of the split
+    # Cold items: the same metrics on the users whose target was a training target fewer than
+    # cold_threshold times (0 = off)
+    cold_threshold: int = 5
+    # Personalization check: score every user with another user's history (a seeded permutation of
+    # the histories, queries kept) and report those metrics too
+    other_history: bool = True
 
 
 @dataclass
@@ -262,6 +292,7 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("eval.index", lambda v: v in ("exact", "hnsw", "ivf"), "one of exact, hnsw, ivf"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
     ("eval.max_users", lambda v: v >= 0, ">= 0 (0 = all users)"),
+    ("eval.cold_threshold", lambda v: v >= 0, ">= 0 (0 = no cold-item subset)"),
     ("data.max_history", lambda v: v >= 1, ">= 1"),
     ("data.min_interactions", lambda v: v >= 3, ">= 3 (one train, one valid and one test item)"),
     ("train.steps", lambda v: v >= 1, ">= 1"),
@@ -269,6 +300,13 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("train.grad_accum", lambda v: v >= 1, ">= 1"),
     ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
     ("serve.port", lambda v: 0 <= v <= 65535, "a port number 0-65535"),
+    ("model.item_norm", lambda v: v in ("none", "center", "standardize"),
+     "one of none, center, standardize"),
+    ("model.readout", lambda v: v in ("emb", "history"), "one of emb, history"),
+    ("model.id_dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
+    ("loss.catalog_samples", lambda v: v >= 0, ">= 0 (0 = the whole catalog)"),
+    ("train.objective", lambda v: v in ("prompt", "sequence"), "one of prompt, sequence"),
+    ("train.sequence_max_len", lambda v: v >= 2, ">= 2"),
 ]
 
 

@@ -166,6 +166,8 @@ def evaluate_embeddings(
     protocol: dict[str, Any] | None = None,
     print_table: bool = True,
     show_progress: bool = True,
+    cold: np.ndarray | None = None,
+    other_user_emb: np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Rank the full catalog for every user by `user_emb @ item_emb.T` and compute the metrics.
 
@@ -173,6 +175,9 @@ def evaluate_embeddings(
     and `seen` (U lists of item_idx), e.g. `karma.data.Examples`); item_emb: (N, k) in item_idx
     order. The index is `cfg.eval.index`; exact search on a CUDA machine whose FAISS has no GPU
     support uses `torch_topk_search` instead. `protocol` adds fields (checkpoint, method, ...).
+    cold (U,) bool adds a "cold" column: the primary setting on those rows only (see
+    `cold_rows`); other_user_emb (U, k) adds "other history": the primary setting scored with
+    embeddings built from another user's history (the personalization check).
     """
     import faiss
 
@@ -188,30 +193,70 @@ def evaluate_embeddings(
         and not hasattr(faiss, "StandardGpuResources")
     )
     index_info: dict[str, Any] = {"kind": cfg.eval.index}
-    metrics = {}
     if use_torch:
         index_info["backend"] = "torch cuda"
-        for name, excl in (("masked", exclude), ("unmasked", None)):
-            scores, ids = torch_topk_search(
-                item_emb, user_emb, k_fetch, exclude=excl, show_progress=show_progress
+
+        def rank(users: Any, excl: list | None) -> tuple[Any, Any]:
+            return torch_topk_search(
+                item_emb, users, k_fetch, exclude=excl, show_progress=show_progress
             )
-            metrics[name] = compute_metrics(ids, targets, ks, scores=scores)
     else:
         index = build_index_from_config(item_emb, cfg)
         index_info.update(index.params)
         index_info["backend"] = "faiss gpu" if index.gpu_index is not None else "faiss cpu"
-        for name, excl in (("masked", exclude), ("unmasked", None)):
-            scores, ids = search(
-                index,
-                user_emb,
-                k_fetch,
-                cfg.eval.batch_size,
-                exclude=excl,
+
+        def rank(users: Any, excl: list | None) -> tuple[Any, Any]:
+            return search(
+                index, users, k_fetch, cfg.eval.batch_size, exclude=excl,
                 show_progress=show_progress,
             )
-            metrics[name] = compute_metrics(ids, targets, ks, scores=scores)
-    full_protocol = base_protocol(cfg, n_users, n_items, index=index_info, **(protocol or {}))
+    metrics, ranked = {}, {}
+    for name, excl in (("masked", exclude), ("unmasked", None)):
+        scores, ids = ranked[name] = rank(user_emb, excl)
+        metrics[name] = compute_metrics(ids, targets, ks, scores=scores)
+    primary = "masked" if cfg.eval.mask_history else "unmasked"
+    extra: dict[str, Any] = {}
+    if cold is not None:
+        rows = np.flatnonzero(np.asarray(cold, dtype=bool))
+        extra["cold_users"] = int(rows.size)
+        if rows.size:
+            scores, ids = ranked[primary]
+            metrics["cold"] = compute_metrics(
+                np.asarray(ids)[rows], targets[rows], ks, scores=np.asarray(scores)[rows]
+            )
+    if other_user_emb is not None:
+        scores, ids = rank(other_user_emb, exclude if primary == "masked" else None)
+        metrics["other history"] = compute_metrics(ids, targets, ks, scores=scores)
+    full_protocol = base_protocol(
+        cfg, n_users, n_items, index=index_info, **extra, **(protocol or {})
+    )
     return _finish(_ordered(metrics, full_protocol), full_protocol, print_table)
+
+
+def cold_rows(data: Any, examples: Any, threshold: int) -> np.ndarray | None:
+    """(U,) bool: the examples whose target was a training target fewer than `threshold` times
+    (never, for most of them on MovieLens): where an ID model has little to go on and an LLM's
+    knowledge of the text must carry the ranking. None when threshold is 0."""
+    if threshold <= 0:
+        return None
+    counts = np.bincount(
+        np.asarray(data.split("train").targets, dtype=np.int64), minlength=data.items.n_items
+    )
+    return counts[np.asarray(examples.targets, dtype=np.int64)] < threshold
+
+
+def other_histories(examples: Any, seed: int = 0) -> np.ndarray:
+    """A seeded permutation of the rows without fixed points: row b is scored with the history
+    of row perm[b] (its own query, target and seen-mask kept)."""
+    n = len(examples)
+    rng = np.random.default_rng(seed)
+    if n < 2:
+        return np.arange(n)
+    # a random cyclic shift of a random order moves every row
+    order = rng.permutation(n)
+    perm = np.empty(n, dtype=np.int64)
+    perm[order] = order[np.roll(np.arange(n), 1)]
+    return perm
 
 
 def evaluate_scores(
@@ -353,7 +398,23 @@ def evaluate_checkpoint(
     n_split = len(data.split(cfg.eval.split))
     if len(examples) < n_split:
         protocol["users_note"] = f"seeded sample (eval.max_users) of {n_split} users"
-    results = evaluate_embeddings(user_emb, np.asarray(catalog.item_emb), examples, cfg, protocol)
+    other = None
+    if cfg.eval.other_history:
+        from karma.inference import encode_users
+
+        perm = other_histories(examples)
+        other = encode_users(
+            model, [examples.histories[j] for j in perm], examples.queries, catalog,
+            data.items.texts, cfg.eval.batch_size,
+        )
+        protocol["other_history"] = "seeded permutation of the users' histories (seed 0)"
+    cold = cold_rows(data, examples, cfg.eval.cold_threshold)
+    if cold is not None:
+        protocol["cold_threshold"] = f"target a training target < {cfg.eval.cold_threshold} times"
+    results = evaluate_embeddings(
+        user_emb, np.asarray(catalog.item_emb), examples, cfg, protocol, cold=cold,
+        other_user_emb=other,
+    )
     results["config"] = {"eval": config_to_dict(cfg)["eval"], "data": config_to_dict(cfg)["data"]}
     out = Path(out_dir) if out_dir is not None else checkpoint
     write_json_atomic(out / "metrics.json", results)

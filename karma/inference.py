@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from karma.batching import collate_user_prompts, pad_sequences
+from karma.batching import collate_user_prompts, history_id_map, pad_sequences
 from karma.distributed import gather_no_grad
 from karma.errors import KarmaError
 from karma.model import KarmaModel
@@ -80,7 +80,10 @@ def encode_catalog(
         idx = order[s : s + batch_size]
         ids, mask, _ = pad_sequences([seqs[i] for i in idx], prompt.pad_id)
         img = feats[idx].to(model.device) if feats is not None else None
-        hidden, emb = model.encode_items(ids.to(model.device), mask.to(model.device), img)
+        item_ids = torch.tensor(idx, dtype=torch.long, device=model.device)
+        hidden, emb = model.encode_items(
+            ids.to(model.device), mask.to(model.device), img, item_ids=item_ids
+        )
         item_emb[idx] = emb.float().cpu()
         item_hidden[idx] = hidden.float().cpu()
     model.train(was_training)
@@ -99,7 +102,8 @@ def build_user_inputs(
 
     Returns inputs_embeds (B, T, d), attention_mask (B, T), position_ids (B, T),
     emb_positions (B,), history_positions (B, n) (-1 padded; <HIST> tokens, or the last
-    token of each item text for the text interface) and first_positions (B,) (<bos>).
+    token of each item text for the text interface), first_positions (B,) (<bos>) and
+    history_ids (B, T) (item index per history token, for a hybrid model; None for text).
     Run `model.base_lm.get_decoder()` or `model.backbone` on them (same position ids).
     """
     if len(histories) != len(queries):
@@ -121,9 +125,15 @@ def build_user_inputs(
     device = model.device
     ids, mask = user["input_ids"].to(device), user["attention_mask"].to(device)
     history_hidden = None
+    history_ids = None
     if continuous:
         flat = [int(i) for h in histories for i in h]
         history_hidden = catalog.item_hidden[torch.tensor(flat, dtype=torch.long)].to(device)
+        positions = user["history_positions"].to(device)
+        items = torch.full(positions.shape, -1, dtype=torch.long, device=device)
+        for b, hist in enumerate(histories):
+            items[b, : len(hist)] = torch.tensor([int(i) for i in hist], dtype=torch.long)
+        history_ids = history_id_map(items, positions, ids.shape[1])
     return {
         "inputs_embeds": model.user_embeds(ids, history_hidden),
         "attention_mask": mask,
@@ -131,6 +141,7 @@ def build_user_inputs(
         "emb_positions": user["emb_positions"].to(device),
         "history_positions": user["history_positions"].to(device),
         "first_positions": user["first_positions"].to(device),
+        "history_ids": history_ids,
     }
 
 
@@ -153,7 +164,9 @@ def encode_users(
         inputs = build_user_inputs(
             model, histories[s : s + batch_size], queries[s : s + batch_size], catalog, item_texts
         )
-        hidden = model.run_decoder(inputs["inputs_embeds"], inputs["attention_mask"])
+        hidden = model.run_decoder(
+            inputs["inputs_embeds"], inputs["attention_mask"], inputs["history_ids"]
+        )
         out[s : s + batch_size] = model.user_from_hidden(hidden, inputs["emb_positions"]).cpu()
     model.train(was_training)
     return out
@@ -189,6 +202,7 @@ def refresh_history_cache(
         hidden = torch.empty_like(gathered)
         hidden[index.to(model.device)] = gathered
     model.history_cache = hidden.to(model.special_embeds.dtype)
+    model.set_item_statistics(hidden)
 
 
 def _cache_keyword(backbone: torch.nn.Module) -> str:

@@ -22,6 +22,8 @@ train.
 
 from __future__ import annotations
 
+import copy
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -78,6 +80,11 @@ class KarmaModel(nn.Module):
             )
         if mcfg.rec_tokens < 1:
             raise ConfigError("config key 'model.rec_tokens': must be >= 1")
+        if not mcfg.train_item_tower and not mcfg.lora:
+            raise ConfigError(
+                "config key 'model.train_item_tower': false runs the item tower with the LoRA "
+                "adapters off, so it needs model.lora=true"
+            )
 
         add_special_tokens(tokenizer)
         if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
@@ -119,7 +126,15 @@ class KarmaModel(nn.Module):
             )  # g
         # h_i of every item for history_source=cache; empty until karma.inference fills it.
         self.register_buffer("history_cache", torch.zeros(0, d))
-        self.register_load_state_dict_pre_hook(_resize_history_cache)
+        # Catalog statistics for model.item_norm (identity until set_item_statistics).
+        self.register_buffer("item_mean", torch.zeros(d))
+        self.register_buffer("item_scale", torch.ones(d))
+        if mcfg.item_ids:
+            # Sized by init_item_ids (training) or by the checkpoint (loading).
+            self.item_id_emb = nn.Parameter(torch.zeros(0, k))  # added to W_e h_i
+            self.history_id_emb = nn.Parameter(torch.zeros(0, d))  # added to history tokens
+            self.register_buffer("id_known", torch.zeros(0, dtype=torch.bool))
+        self.register_load_state_dict_pre_hook(_resize_catalog_tensors)
 
         self.backbone = self._prepare_backbone(backbone)
         # Like Hugging Face's from_pretrained: eval mode; training calls objective.train().
@@ -180,21 +195,136 @@ class KarmaModel(nn.Module):
         return emb
 
     def run_decoder(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        history_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last hidden states (after the final norm) for left- or right-padded inputs.
 
         Position ids count real tokens only, so a sequence gets the same positions whatever its
-        padding. (B, T, d) -> (B, T, d)
+        padding. history_ids (B, T): the item index of each history token, -1 elsewhere; with
+        model.item_ids their ID embeddings join the residual stream at the first trainable
+        layer (model.freeze_layers), so frozen lower layers stay a pure function of the text.
+        (B, T, d) -> (B, T, d)
         """
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.base_lm.get_decoder()(
+        decoder = self.base_lm.get_decoder()
+        if history_ids is None or not self.cfg.model.item_ids:
+            out = decoder(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
+            return out.last_hidden_state
+        cut = self.cfg.model.freeze_layers
+        hidden = inputs_embeds
+        if cut > 0:
+            hidden = _decoder_span(decoder, 0, cut, final_norm=False)(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            ).last_hidden_state
+        hidden = hidden + self.history_id_tokens(history_ids).to(hidden.dtype)
+        return self.run_from_layer(hidden, attention_mask, cut)
+
+    def run_from_layer(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """Layers start.. and the final norm on the residual stream `hidden` (B, T, d) entering
+        layer `start`; the second half of `run_decoder`, also fed from cached lower states."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        decoder = self.base_lm.get_decoder()
+        span = _decoder_span(decoder, start, len(decoder.layers), final_norm=True)
+        out = span(
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def run_lower(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The residual stream entering layer model.freeze_layers (the frozen lower layers
+        only, no final norm); position ids default to counting real tokens. (B, T, d) -> same"""
+        cut = self.cfg.model.freeze_layers
+        if cut == 0:
+            return inputs_embeds
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        span = _decoder_span(self.base_lm.get_decoder(), 0, cut, final_norm=False)
+        out = span(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
         )
         return out.last_hidden_state
+
+    # ---- items: conditioning and IDs ----------------------------------------------------------
+
+    @torch.no_grad()
+    def set_item_statistics(self, item_hidden: torch.Tensor) -> None:
+        """Catalog mean / std of h_i (N, d) for model.item_norm; called with each refresh of the
+        catalog states, so the conditioning follows the item tower."""
+        norm = self.cfg.model.item_norm
+        if norm == "none":
+            return
+        h = item_hidden.float()
+        self.item_mean.copy_(h.mean(0))
+        if norm == "standardize":
+            self.item_scale.copy_(h.std(0).clamp(min=1e-6))
+
+    def condition(self, item_hidden: torch.Tensor) -> torch.Tensor:
+        """h_i as P_h and W_e see it: centred / standardized over the catalog (model.item_norm).
+        Raw last-layer states share one dominant direction (cosine ~0.86 on SmolLM2), which made
+        every history token look alike."""
+        if self.cfg.model.item_norm == "none":
+            return item_hidden
+        mean, scale = self.item_mean.to(item_hidden.dtype), self.item_scale.to(item_hidden.dtype)
+        return (item_hidden - mean) / scale
+
+    @torch.no_grad()
+    def init_item_ids(self, n_items: int, known: torch.Tensor) -> None:
+        """Zero ID embeddings for a catalog of n_items; known (n_items,) bool marks the items seen
+        in training, the only ones whose ID is ever used (the rest fall back to text)."""
+        if not self.cfg.model.item_ids:
+            return
+        device = self.special_embeds.device
+        self.item_id_emb = nn.Parameter(torch.zeros(n_items, self.cfg.model.emb_dim, device=device))
+        self.history_id_emb = nn.Parameter(torch.zeros(n_items, self.hidden_size, device=device))
+        self.id_known = known.to(device=device, dtype=torch.bool)
+
+    def _id_rows(self, table: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        """ID embeddings of item_ids (any shape, -1 = none): zero for unknown items, and dropped
+        with probability model.id_dropout in training so the text path keeps learning."""
+        valid = item_ids >= 0
+        ids = item_ids.clamp(min=0)
+        keep = valid & self.id_known[ids]
+        p = self.cfg.model.id_dropout
+        if self.training and p > 0:
+            keep = keep & (torch.rand(ids.shape, device=ids.device) >= p)
+        return table[ids] * keep.unsqueeze(-1).to(table.dtype)
+
+    def history_id_tokens(self, history_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) item index per position (-1 = none) -> (B, T, d) ID vectors to add."""
+        return self._id_rows(self.history_id_emb, history_ids)
+
+    def item_embedding(
+        self, item_hidden: torch.Tensor, item_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """e_i = normalize(W_e cond(h_i) [+ ID_i]). (U, d) -> (U, k), float32"""
+        z = self.item_proj(self.condition(item_hidden))
+        if self.cfg.model.item_ids and item_ids is not None:
+            z = z + self._id_rows(self.item_id_emb, item_ids).to(z.dtype)
+        return F.normalize(z.float(), dim=-1)
 
     # ---- towers -----------------------------------------------------------------------------
 
@@ -203,19 +333,22 @@ class KarmaModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         image_features: torch.Tensor | None = None,
+        item_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Item tower on tokenized items; returns (item_hidden (U, d), item_emb (U, k))."""
+        """Item tower on tokenized items; returns (item_hidden (U, d), item_emb (U, k)).
+        item_ids (U,) adds the ID embeddings of a hybrid model (model.item_ids)."""
         emb = self.embed_tokens(input_ids)  # (U, T, d)
         if image_features is not None:
             image_tokens = self.image_proj(image_features.to(emb.dtype))  # (U, d)
             emb = fill_placeholders(
                 emb, input_ids, self.prompt.img_id, image_tokens, "image tokens"
             )
-        hidden = self.run_decoder(emb, attention_mask)
+        frozen = not self.cfg.model.train_item_tower
+        with self.backbone.disable_adapter() if frozen else nullcontext():
+            hidden = self.run_decoder(emb, attention_mask)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         item_hidden = hidden[rows, last_positions(attention_mask)]  # (U, d) at <ITEM>
-        item_emb = F.normalize(self.item_proj(item_hidden).float(), dim=-1)
-        return item_hidden, item_emb
+        return item_hidden, self.item_embedding(item_hidden, item_ids)
 
     def user_embeds(
         self, input_ids: torch.Tensor, history_hidden: torch.Tensor | None
@@ -223,7 +356,7 @@ class KarmaModel(nn.Module):
         """Input embeddings of user sequences with <HIST> filled by P_h(history_hidden (n, d))."""
         emb = self.embed_tokens(input_ids)  # (B, T, d)
         if history_hidden is not None and history_hidden.shape[0] > 0:
-            x = self.history_proj(history_hidden.to(emb.dtype))  # (n, d)
+            x = self.history_proj(self.condition(history_hidden.to(emb.dtype)))  # (n, d)
             emb = fill_placeholders(emb, input_ids, self.prompt.hist_id, x, "history tokens")
         return emb
 
@@ -238,11 +371,32 @@ class KarmaModel(nn.Module):
         return self.rec_norm(prefix)
 
 
-def _resize_history_cache(module: KarmaModel, state_dict: dict, prefix: str, *args: Any) -> None:
-    # The cache's size is only known from the checkpoint; make room before the copy.
-    key = prefix + "history_cache"
-    if key in state_dict and state_dict[key].shape != module.history_cache.shape:
-        module.history_cache = module.history_cache.new_zeros(state_dict[key].shape)
+def _resize_catalog_tensors(
+    module: KarmaModel, state_dict: dict, prefix: str, *args: Any
+) -> None:
+    # Catalog-sized tensors (history cache, ID embeddings) are only sized by the checkpoint; make
+    # room before the copy.
+    for name in ("history_cache", "id_known", "item_id_emb", "history_id_emb"):
+        key = prefix + name
+        if not hasattr(module, name) or key not in state_dict:
+            continue
+        current = getattr(module, name)
+        if state_dict[key].shape != current.shape:
+            resized = current.new_zeros(state_dict[key].shape)
+            setattr(module, name, nn.Parameter(resized) if isinstance(current, nn.Parameter)
+                    else resized)
+
+
+def _decoder_span(decoder: nn.Module, start: int, end: int, final_norm: bool) -> nn.Module:
+    """A view of a Hugging Face decoder running only layers [start, end), sharing every weight
+    (LoRA included): `inputs_embeds` then is the residual stream entering layer `start`. The
+    decoder's own forward (rotary positions, causal mask) runs unchanged."""
+    span = copy.copy(decoder)
+    span._modules = dict(decoder._modules)
+    span.layers = decoder.layers[start:end]
+    if not final_norm:
+        span.norm = nn.Identity()
+    return span
 
 
 def build_model(cfg: Config) -> KarmaModel:

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from karma.batching import history_id_map
 from karma.config import ConfigError, LossConfig
 from karma.errors import KarmaError
-from karma.losses import ActionLoss, TokenCrossEntropy, loss_weights
+from karma.losses import ActionLoss, CatalogSoftmaxLoss, TokenCrossEntropy, loss_weights
 from karma.model import KarmaModel, fill_placeholders
 
 
@@ -54,6 +55,14 @@ class KarmaObjective(nn.Module):
             world_size=world_size,
         )
         self.token_loss = TokenCrossEntropy()
+        self.catalog_loss = None
+        if cfg.catalog_softmax:
+            if model.cfg.model.history_source != "cache":
+                raise ConfigError(
+                    "loss.catalog_softmax scores the cached catalog states: set "
+                    "model.history_source=cache"
+                )
+            self.catalog_loss = CatalogSoftmaxLoss(cfg.catalog_samples)
         self._freeze_unused_heads()
 
     def _freeze_unused_heads(self) -> None:
@@ -98,17 +107,38 @@ class KarmaObjective(nn.Module):
         model = self.model
         batch = {k: v.to(model.device) for k, v in batch.items()}
         item_hidden, item_emb = model.encode_items(
-            batch["item_input_ids"], batch["item_attention_mask"], batch.get("item_image_features")
+            batch["item_input_ids"],
+            batch["item_attention_mask"],
+            batch.get("item_image_features"),
+            item_ids=batch["item_ids"],
         )
         input_ids = batch["user_input_ids"]
         emb = model.user_embeds(input_ids, self._history_hidden(batch, item_hidden))
-        hidden = model.run_decoder(emb, batch["user_attention_mask"])  # (B, T, d)
+        history_ids = None
+        if "history_positions" in batch:
+            history_ids = history_id_map(
+                batch["history_items"], batch["history_positions"], input_ids.shape[1]
+            )
+        hidden = model.run_decoder(emb, batch["user_attention_mask"], history_ids)  # (B,T,d)
         user_emb = model.user_from_hidden(hidden, batch["emb_positions"])  # (B, k)
 
         n_cand = int(batch["candidate_count"])
-        out = self.action_loss(
-            user_emb, item_emb[:n_cand], batch["positive_index"], batch["item_ids"][:n_cand]
-        )
+        if self.catalog_loss is None:
+            out = self.action_loss(
+                user_emb, item_emb[:n_cand], batch["positive_index"], batch["item_ids"][:n_cand]
+            )
+        else:
+            # every catalog item is a candidate: cached states through W_e (+ IDs)
+            n_items = model.history_cache.shape[0]
+            catalog_emb = model.item_embedding(
+                model.history_cache, torch.arange(n_items, device=model.device)
+            )
+            targets = batch["item_ids"][batch["positive_index"]]
+            temperature = self.action_loss.temperature
+            out = {
+                "act_loss": self.catalog_loss(user_emb, catalog_emb, targets, temperature),
+                "temperature": temperature.detach(),
+            }
         zero = user_emb.new_zeros(())
         lm_head = model.base_lm.get_output_embeddings()
         out["gen_loss"] = zero

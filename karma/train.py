@@ -200,18 +200,32 @@ def _setup_run_dir(run_dir: Path, resume: bool) -> None:
     ensure_output_dir(run_dir, "train.output_dir")
 
 
-def _setup_objective(cfg: Config, dist: Any) -> tuple[Any, nn.Module]:
-    """(objective, what to call for the losses): the DDP wrapper under torchrun, else the
-    objective itself. Seeded here so that every rank builds identical initial weights."""
+def _setup_objective(cfg: Config, dist: Any, data: Any) -> tuple[Any, nn.Module, Any]:
+    """(objective, what to call for the losses, user sequences or None): the DDP wrapper under
+    torchrun, else the objective itself. Seeded here so that every rank builds identical initial
+    weights. train.objective=sequence also caches the frozen lower layers per user sequence."""
+    from karma.inference import refresh_history_cache
     from karma.model import build_model
     from karma.objective import KarmaObjective
+    from karma.sequence import SequenceObjective, UserSequences
 
     _seed_everything(cfg.train.seed)
     model = build_model(cfg).to(dist.device)
-    objective = KarmaObjective(model, cfg.loss, rank=dist.rank, world_size=dist.world_size)
+    model.init_item_ids(data.items.n_items, _training_items(data))
+    sequences = None
+    if cfg.train.objective == "sequence":
+        with _autocast(dist.device, cfg.train.bf16):
+            refresh_history_cache(model, list(data.items.texts), cfg.eval.batch_size,
+                                  rank=dist.rank, world_size=dist.world_size)
+            sequences = UserSequences.build(model, data, cfg, progress=dist.is_main)
+        n_items = data.items.n_items
+        proposal = sequences.item_frequency(n_items) if cfg.loss.catalog_samples else None
+        objective = SequenceObjective(model, cfg.loss, proposal)
+    else:
+        objective = KarmaObjective(model, cfg.loss, rank=dist.rank, world_size=dist.world_size)
     objective.train()
     if dist.world_size <= 1:
-        return objective, objective
+        return objective, objective, sequences
     from torch.nn.parallel import DistributedDataParallel
 
     # Calls must go through the wrapper so that its gradient hooks fire.
@@ -224,7 +238,18 @@ def _setup_objective(cfg: Config, dist: Any) -> tuple[Any, nn.Module]:
         find_unused_parameters=False,
         broadcast_buffers=False,
     )
-    return objective, ddp
+    return objective, ddp, sequences
+
+
+def _training_items(data: Any) -> torch.Tensor:
+    """(n_items,) bool: items seen in the training split (as a target or in a history), the
+    only ones a hybrid model gives an ID embedding."""
+    train = data.split("train")
+    known = np.zeros(data.items.n_items, dtype=bool)
+    known[np.asarray(train.targets, dtype=np.int64)] = True
+    for hist in train.histories:
+        known[np.asarray(hist, dtype=np.int64)] = True
+    return torch.from_numpy(known)
 
 
 # ---- one optimizer step ----------------------------------------------------------------------
@@ -348,10 +373,15 @@ def _train(cfg: Config, resume: bool, dist: Any, monitor_factory: MonitorFactory
     last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
     log_path = run_dir / "log.jsonl"
     micro_global, _ = _micro_batch_sizes(cfg, dist.world_size)
+    if tc.objective == "sequence":
+        from karma.sequence import check_sequence_config
+
+        check_sequence_config(cfg)
     _setup_run_dir(run_dir, resume)
     data = load_or_prepare(cfg, is_main=dist.is_main)
     train_split = data.split("train")
-    objective, forward = _setup_objective(cfg, dist)
+    objective, forward, sequences = _setup_objective(cfg, dist, data)
+    n_examples = len(sequences) if sequences is not None else len(train_split)
     model = objective.model
     optimizer = build_optimizer(objective, cfg)
     scheduler = build_scheduler(optimizer, cfg)
@@ -389,7 +419,8 @@ def _train(cfg: Config, resume: bool, dist: Any, monitor_factory: MonitorFactory
             log_path.unlink()
         writer = _tensorboard_writer(run_dir)
         print(
-            f"training {cfg.loss.preset} on {len(train_split)} examples, "
+            f"training {cfg.loss.preset} ({tc.objective} objective) on {n_examples} "
+            f"{'user sequences' if sequences is not None else 'examples'}, "
             f"{sum(p.numel() for p in params):,} trainable params, world size "
             f"{dist.world_size}, device {device}, steps {state.step}->{tc.steps}"
         )
@@ -399,14 +430,20 @@ def _train(cfg: Config, resume: bool, dist: Any, monitor_factory: MonitorFactory
                         objective=objective)
 
     def batch_at(micro: int) -> dict[str, torch.Tensor]:
-        idx = batch_indices(len(train_split), state.step, micro, tc.grad_accum, micro_global,
+        idx = batch_indices(n_examples, state.step, micro, tc.grad_accum, micro_global,
                             dist.rank, dist.world_size, tc.seed)
+        if sequences is not None:
+            return sequences.batch(model, idx)
         gen = _batch_generator(tc.seed, state.step, micro, dist.rank)
         return _to_device(builder(train_split, idx, generator=gen), device)
 
     # history_source=cache: the cache is a persistent buffer of the model, so a resumed run gets
     # back exactly the cache the uninterrupted run was using.
-    uses_cache = cfg.model.history_source == "cache"
+    # (The sequence objective's item tower is frozen: its cache, filled at setup, never changes.)
+    # The catalog statistics of model.item_norm are refreshed with the same pass.
+    uses_cache = tc.objective == "prompt" and (
+        cfg.model.history_source == "cache" or cfg.model.item_norm != "none"
+    )
     refresh_every = max(1, cfg.model.cache_refresh_steps)
     bar = tqdm(total=tc.steps, initial=state.step, disable=not dist.is_main, dynamic_ncols=True)
     while state.step < tc.steps:

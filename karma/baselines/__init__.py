@@ -75,7 +75,7 @@ def run_baseline(name: str, cfg: Config, out_dir: str | Path | None = None) -> d
         raise KarmaError(f"unknown baseline '{name}' (known: {', '.join(BASELINES)})")
     from karma.config import save_config
     from karma.data import load_or_prepare
-    from karma.evaluate import format_metrics_table, select_users
+    from karma.evaluate import cold_rows, format_metrics_table, select_users
 
     out_dir = Path(out_dir or Path("runs/baselines") / name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +91,7 @@ def run_baseline(name: str, cfg: Config, out_dir: str | Path | None = None) -> d
         examples,
         cfg,
         method=name,
+        cold=cold_rows(data, examples, cfg.eval.cold_threshold),
         prepared_dir=cfg.data.prepared_dir,
         seconds=round(time.perf_counter() - t0, 1),
     )

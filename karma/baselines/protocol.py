@@ -59,9 +59,15 @@ def split_sequences(data, examples, split: str) -> list[list[int]]:
 
 
 def evaluate_split(
-    user_emb: np.ndarray, item_emb: np.ndarray, examples, cfg: Config, **protocol
+    user_emb: np.ndarray,
+    item_emb: np.ndarray,
+    examples,
+    cfg: Config,
+    cold: np.ndarray | None = None,
+    **protocol,
 ) -> dict:
-    """Quiet `karma.evaluate.evaluate_embeddings` (scores = user_emb @ item_emb.T, as given)."""
+    """Quiet `karma.evaluate.evaluate_embeddings` (scores = user_emb @ item_emb.T, as given);
+    `cold` (U,) bool adds the cold-item column (`karma.evaluate.cold_rows`)."""
     from karma.evaluate import evaluate_embeddings
 
     return evaluate_embeddings(
@@ -72,6 +78,7 @@ def evaluate_split(
         protocol=protocol,
         print_table=False,
         show_progress=False,
+        cold=cold,
     )
 
 

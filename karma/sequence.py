@@ -1,0 +1,304 @@
+"""Dense next-item training over whole user sequences (`train.objective=sequence`).
+
+    sequences = UserSequences.build(model, data, cfg)      # cached lower-layer states per user
+    objective = SequenceObjective(model, cfg.loss)
+    out = objective(sequences.batch(rows))                  # {"loss", "act_loss", ...}
+
+Every position of a user's training sequence is a readout: u_t = normalize(W_u h_t) at history
+token x_t must rank x_{t+1} first over the whole catalog (`CatalogSoftmaxLoss`), as SASRec and
+HLLM train. One forward over n items gives n - 1 examples where the prompt objective gives one.
+Inference is unchanged: a query-less prompt `<bos> History: x_1 .. x_n` read at x_n
+(`model.readout=history`) is exactly the last readout, run through the whole LLM.
+
+Compute. The lower `model.freeze_layers` layers are frozen and so is everything below them (P_h,
+the catalog statistics, the item tower, which runs with the LoRA adapters off), so their output
+for each user sequence is computed once at setup and cached (bf16); a step runs only the
+trainable top layers. Item states come from the same frozen item tower (`model.history_cache`).
+
+Knowledge regularizers on the last readout of each user (target x_n, the last training item):
+- L_gen: " Next: {x_n text}<eos>" follows x_{n-1}. Its tokens pass the frozen lower layers on
+  their own (positions continuing the sequence) and meet the history in the trainable top layers,
+  which are the only layers that can learn anything here.
+- L_rec: R(u_{n-1}) then x_n's text, a second pass through the whole LLM, as in the prompt
+  objective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from karma.batching import IGNORE_INDEX, pad_sequences
+from karma.config import Config, ConfigError, LossConfig
+from karma.errors import DataError
+from karma.losses import ActionLoss, CatalogSoftmaxLoss, TokenCrossEntropy, loss_weights
+from karma.model import KarmaModel, fill_placeholders
+
+
+def check_sequence_config(cfg: Config) -> None:
+    """What train.objective=sequence needs, checked before any work."""
+    m = cfg.model
+    problems = []
+    if cfg.data.query_mode != "none":
+        problems.append("data.query_mode=none (a readout at every position has no query)")
+    if m.interface != "continuous":
+        problems.append("model.interface=continuous")
+    if m.readout != "history":
+        problems.append("model.readout=history (inference must read where training did)")
+    if m.history_source != "cache":
+        problems.append("model.history_source=cache (the frozen item tower's states)")
+    if m.lora and m.train_item_tower:
+        problems.append("model.train_item_tower=false (catalog states must not drift)")
+    if m.image_dim > 0:
+        problems.append("model.image_dim=0 (images are not wired into this objective yet)")
+    if problems:
+        raise ConfigError("train.objective=sequence needs " + "; ".join(problems))
+
+
+@dataclass
+class UserSequences:
+    """Training sequences x_1..x_n per user (most recent train.sequence_max_len + 1 items of the
+    training part) and the residual stream entering layer model.freeze_layers for the input
+    tokens `<bos> History: x_1 .. x_{n-1}` (x_n is only ever a target)."""
+
+    items: list[list[int]]  # per user, oldest first, n >= 2
+    states: list[torch.Tensor]  # per user (P + n - 1, d) bf16 on CPU
+    prefix_len: int  # P: tokens before the first history token
+    generate: bool  # L_gen on: " Next: {x_n text}<eos>" is appended to each user's states
+    target_ids: list[list[int]]  # per user, tokens of x_n's text + eos (L_gen / L_rec)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: KarmaModel, data: Any, cfg: Config, progress: bool = True):
+        """From the valid split's `seen` (each user's whole training part, in order); the lower
+        pass is cached on disk under $KARMA_HOME/sequence_cache, keyed by everything it reads."""
+        max_len = cfg.train.sequence_max_len
+        valid = data.split("valid")
+        items = [list(map(int, s))[-(max_len + 1) :] for s in valid.seen]
+        items = [s for s in items if len(s) >= 2]
+        if not items:
+            raise DataError("train.objective=sequence: no user has 2 training items")
+        prompt = model.prompt
+        prefix = prompt.bos + prompt.history_first_ids
+        x_all = model.history_proj(model.condition(model.history_cache))  # (N, d) history tokens
+        key = _cache_key(cfg, prefix, x_all, items)
+        path = _cache_dir() / f"{key}.pt"
+        states = torch.load(path, weights_only=True) if path.exists() else None
+        if states is None:
+            states = _lower_states(model, prefix, x_all, items, cfg.eval.batch_size, progress)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(states, tmp)
+            tmp.replace(path)
+        lambda_gen, lambda_rec, _ = loss_weights(cfg.loss)
+        target_ids = [prompt.target(data.items.texts[s[-1]]) for s in items]
+        return cls(items, states, len(prefix), lambda_gen > 0, target_ids)
+
+    def item_frequency(self, n_items: int) -> torch.Tensor:
+        """How often each item is a readout target: the proposal of sampled catalog softmax."""
+        counts = np.zeros(n_items)
+        for seq in self.items:
+            np.add.at(counts, seq[1:], 1)
+        return torch.as_tensor(counts + 1.0)  # every item keeps a chance to be sampled
+
+    def batch(self, model: KarmaModel, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Tensors for SequenceObjective: users `rows`, padded on the right.
+
+        states (B, T, d) residual stream at the cut (with " Next: target" appended when L_gen is
+        on), attention_mask (B, T), history_ids (B, T) item per history token (-1 elsewhere),
+        readout_rows / readout_cols / readout_targets (R,) every dense readout, last_cols (B,)
+        the last readout of each user, user_labels (B, T) (L_gen), rec_* (L_rec, built by
+        the objective from target_ids)."""
+        rows = [int(r) for r in rows]
+        device = model.device
+        d = self.states[rows[0]].shape[1]
+        gen = self.generate
+        suffixes = [self._gen_suffix(model, r) for r in rows] if gen else None
+        lengths = [
+            self.states[r].shape[0] + (suffixes[b][0].shape[0] if gen else 0)
+            for b, r in enumerate(rows)
+        ]
+        width = max(lengths)
+        states = torch.zeros(len(rows), width, d)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        history_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        r_rows, r_cols, r_targets, last_cols = [], [], [], []
+        P = self.prefix_len
+        for b, r in enumerate(rows):
+            seq, st = self.items[r], self.states[r]
+            n_in = len(seq) - 1
+            states[b, : st.shape[0]] = st.float()
+            mask[b, : lengths[b]] = 1
+            history_ids[b, P : P + n_in] = torch.tensor(seq[:-1])
+            r_rows += [b] * n_in
+            r_cols += list(range(P, P + n_in))
+            r_targets += seq[1:]
+            last_cols.append(P + n_in - 1)
+            if gen:
+                suffix, suffix_labels = suffixes[b]
+                states[b, st.shape[0] : lengths[b]] = suffix
+                labels[b, st.shape[0] : lengths[b]] = suffix_labels
+        batch = {
+            "states": states,
+            "attention_mask": mask,
+            "history_ids": history_ids,
+            "readout_rows": torch.tensor(r_rows),
+            "readout_cols": torch.tensor(r_cols),
+            "readout_targets": torch.tensor(r_targets),
+            "last_cols": torch.tensor(last_cols),
+            "rows": torch.tensor(rows),
+        }
+        if gen:
+            batch["user_labels"] = labels
+        out: dict[str, Any] = {k: v.to(device) for k, v in batch.items()}
+        out["rec_targets"] = [self.target_ids[r] for r in rows]
+        return out
+
+    @torch.no_grad()
+    def _gen_suffix(self, model: KarmaModel, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower states of " Next: {x_n text}<eos>" on their own, placed after the history
+        (positions continue the sequence), and their labels (the text tokens)."""
+        prompt = model.prompt
+        target = self.target_ids[row]
+        ids = torch.tensor([prompt.next_ids + target], device=model.device)
+        start = self.states[row].shape[0]
+        position_ids = torch.arange(start, start + ids.shape[1], device=model.device)[None]
+        lower = model.run_lower(model.embed_tokens(ids), torch.ones_like(ids), position_ids)
+        labels = [IGNORE_INDEX] * len(prompt.next_ids) + list(target)
+        return lower[0].float().cpu(), torch.tensor(labels)
+
+
+class SequenceObjective(nn.Module):
+    """The losses of a `UserSequences.batch`: dense catalog softmax (act_loss) plus the
+    preset's L_gen / L_rec on each user's last readout. Frozen here: P_h, <ITEM>/<EMB> and R
+    when the preset has no L_rec (see the module docstring for why)."""
+
+    def __init__(self, model: KarmaModel, cfg: LossConfig, proposal: torch.Tensor | None = None):
+        super().__init__()
+        self.lambda_gen, self.lambda_rec, self.lambda_img = loss_weights(cfg)
+        if self.lambda_img > 0:
+            raise ConfigError("train.objective=sequence does not train L_img (images) yet")
+        self.model = model
+        # Only the temperature of ActionLoss is used: one learnable, clamped tau for both
+        # objectives, saved under the same name.
+        self.action_loss = ActionLoss(
+            cfg.temperature, cfg.temperature_min, cfg.temperature_max, cfg.learn_temperature
+        )
+        self.catalog_loss = CatalogSoftmaxLoss(cfg.catalog_samples, proposal)
+        self.token_loss = TokenCrossEntropy()
+        model.history_proj.requires_grad_(False)
+        model.special_embeds.requires_grad_(False)
+        if self.lambda_rec == 0:
+            model.rec_head.requires_grad_(False)
+            model.rec_norm.requires_grad_(False)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        model = self.model
+        cut = model.cfg.model.freeze_layers
+        mask = batch["attention_mask"]
+        hidden = batch["states"]
+        if model.cfg.model.item_ids:
+            hidden = hidden + model.history_id_tokens(batch["history_ids"]).to(hidden.dtype)
+        hidden = model.run_from_layer(hidden, mask, cut)  # (B, T, d)
+        rows, cols = batch["readout_rows"], batch["readout_cols"]
+        readout = F.normalize(model.user_proj(hidden[rows, cols]).float(), dim=-1)  # (R, k)
+        n_items = model.history_cache.shape[0]
+        catalog_emb = model.item_embedding(
+            model.history_cache, torch.arange(n_items, device=model.device)
+        )  # (N, k)
+        temperature = self.action_loss.temperature
+        out = {
+            "act_loss": self.catalog_loss(
+                readout, catalog_emb, batch["readout_targets"], temperature
+            ),
+            "temperature": temperature.detach(),
+        }
+        zero = readout.new_zeros(())
+        lm_head = model.base_lm.get_output_embeddings()
+        out["gen_loss"] = zero
+        if self.lambda_gen > 0:
+            out["gen_loss"] = self.token_loss(hidden, batch["user_labels"], lm_head)
+        out["rec_loss"] = zero
+        if self.lambda_rec > 0:
+            user_emb = model.user_from_hidden(hidden, batch["last_cols"])  # (B, k)
+            out["rec_loss"] = self._rec_loss(user_emb, batch["rec_targets"], lm_head)
+        out["loss"] = (
+            out["act_loss"] + self.lambda_gen * out["gen_loss"] + self.lambda_rec * out["rec_loss"]
+        )
+        return out
+
+    def _rec_loss(
+        self, user_emb: torch.Tensor, rec_targets: list[list[int]], lm_head: nn.Module
+    ) -> torch.Tensor:
+        model = self.model
+        rec = [model.prompt.rec(t) for t in rec_targets]
+        ids, mask, _ = pad_sequences([r[0] for r in rec], model.prompt.pad_id)
+        labels, _, _ = pad_sequences([r[1] for r in rec], IGNORE_INDEX)
+        ids, mask, labels = ids.to(model.device), mask.to(model.device), labels.to(model.device)
+        prefix = model.reconstruction_prefix(user_emb)  # (B, m, d)
+        emb = fill_placeholders(
+            model.embed_tokens(ids),
+            ids,
+            model.prompt.rec_id,
+            prefix.reshape(-1, prefix.shape[-1]),
+            "reconstruction tokens",
+        )
+        return self.token_loss(model.run_decoder(emb, mask), labels, lm_head)
+
+
+@torch.no_grad()
+def _lower_states(
+    model: KarmaModel,
+    prefix: list[int],
+    x_all: torch.Tensor,
+    items: list[list[int]],
+    batch_size: int,
+    progress: bool,
+) -> list[torch.Tensor]:
+    """The frozen lower layers over `<bos> History: x_1 .. x_{n-1}` of every user, by length."""
+    prefix_emb = model.embed_tokens(torch.tensor([prefix], device=model.device))[0]  # (P, d)
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    out: list[torch.Tensor | None] = [None] * len(items)
+    users_per_batch = max(1, batch_size // 16)
+    starts = range(0, len(order), users_per_batch)
+    for s in tqdm(starts, desc="cache lower layers", disable=not progress, leave=False):
+        idx = order[s : s + users_per_batch]
+        lengths = [len(prefix) + len(items[i]) - 1 for i in idx]
+        emb = torch.zeros(len(idx), max(lengths), x_all.shape[1], device=model.device)
+        mask = torch.zeros(len(idx), max(lengths), dtype=torch.long, device=model.device)
+        for b, i in enumerate(idx):
+            hist = torch.tensor(items[i][:-1], device=model.device)
+            emb[b, : len(prefix)] = prefix_emb
+            emb[b, len(prefix) : lengths[b]] = x_all[hist]
+            mask[b, : lengths[b]] = 1
+        lower = model.run_lower(emb, mask)
+        for b, i in enumerate(idx):
+            out[i] = lower[b, : lengths[b]].to(torch.bfloat16).cpu()
+    return out  # type: ignore[return-value]
+
+
+def _cache_key(cfg: Config, prefix: list[int], x_all: torch.Tensor, items: list[list[int]]) -> str:
+    h = hashlib.sha256()
+    h.update(repr((cfg.model.backbone, cfg.model.freeze_layers, prefix)).encode())
+    h.update(x_all.detach().float().cpu().numpy().tobytes())
+    for seq in items:
+        h.update(np.asarray(seq, dtype=np.int64).tobytes())
+    return h.hexdigest()[:24]
+
+
+def _cache_dir() -> Path:
+    from karma.backbones import karma_home
+
+    return karma_home() / "sequence_cache"
