@@ -43,7 +43,7 @@ class DataConfig:
     images: str = "auto"  # auto: frozen features when any item has an image | off: ignore images
     image_dir: str = ""  # folder of images named by item id (item "42" -> 42.jpg / 42.png ...)
     image_policy: str = "error"  # items without an image: error | zeros (zero feature) | drop
-    image_batch_size: int = 32  # images per encoder forward pass
+    image_batch_size: int = 4  # images per encoder pass (larger batches are slower on CPU)
 
 
 @dataclass

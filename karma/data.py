@@ -191,7 +191,8 @@ def compute_stats(
 
 def prepare_dataset(cfg: Config) -> Path:
     """Load `cfg.data.source`, validate, split, synthesize queries and write
-    `cfg.data.prepared_dir` (items/train/valid/test.parquet, stats.json, config.yaml).
+    `cfg.data.prepared_dir` (items/train/valid/test.parquet, stats.json, config.yaml, and
+    image_features.npy when the items have images: karma.images).
 
     The directory is written to a temporary sibling and renamed into place, so an interrupted
     run never leaves a half dataset behind.

@@ -110,7 +110,7 @@ def preprocess_image(image: Image.Image) -> torch.Tensor:
 def encode_images(
     paths: Sequence[str],
     encoder: torch.nn.Module | None = None,
-    batch_size: int = 32,
+    batch_size: int = 4,
     progress: bool = True,
 ) -> np.ndarray:
     """(len(paths), 1280) float32 pooled features: mean over the 7x7 map of the last conv
