@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from karma.images import encode_images, load_image_encoder  # noqa: E402
+from karma.report import cpu_name  # noqa: E402
 
 
 def write_pictures(folder: Path, n: int, size: int, seed: int = 0) -> list[str]:
@@ -41,16 +41,6 @@ def write_pictures(folder: Path, n: int, size: int, seed: int = 0) -> list[str]:
         Image.fromarray(pixels).save(path)
         paths.append(str(path))
     return paths
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

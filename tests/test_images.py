@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data import _cfg
 from test_tables import write_table
 
 from karma.cli import main
-from karma.config import Config, ConfigError
+from karma.config import ConfigError
 from karma.data import load_image_features, load_prepared, prepare_dataset
 from karma.errors import DataError
 from karma.images import (
@@ -59,18 +60,6 @@ def _shop(tmp_path: Path, images: list[str | None]) -> tuple[Path, Path]:
         for i in range(len(images))
     ]
     return write_table(tmp_path / "items.csv", items), write_table(tmp_path / "inter.csv", inter)
-
-
-def _cfg(items: Path, inter: Path, out: Path, **data) -> Config:
-    cfg = Config()
-    cfg.data.source = "files"
-    cfg.data.items_path = str(items)
-    cfg.data.interactions_path = str(inter)
-    cfg.data.prepared_dir = str(out)
-    cfg.data.query_mode = "none"
-    for key, value in data.items():
-        setattr(cfg.data, key, value)
-    return cfg
 
 
 # --- preprocessing and encoder ---------------------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from karma.cli import main
-from karma.data import load_image_features, load_prepared
+from karma.config import Config
+from karma.data import load_image_features, load_prepared, load_source
 from karma.datasets.shop import (
     COLOURS,
     START,
@@ -170,3 +171,11 @@ def test_no_images_shop_is_text_only(tmp_path):
     generate_shop(ShopConfig(items=50, images=False), tmp_path, pictures=synthetic_pictures())
     assert {r["image"] for r in _rows(tmp_path / "items.parquet")} == {None}
     assert not (tmp_path / "images").exists()
+
+
+def test_source_shop_needs_a_shop_folder(tmp_path):
+    cfg = Config()
+    cfg.data.source = "shop"
+    cfg.data.path = str(tmp_path)
+    with pytest.raises(KarmaError, match="not a karma shop folder"):
+        load_source(cfg.data)
