@@ -179,3 +179,9 @@ def test_source_shop_needs_a_shop_folder(tmp_path):
     cfg.data.path = str(tmp_path)
     with pytest.raises(KarmaError, match="not a karma shop folder"):
         load_source(cfg.data)
+
+
+def test_every_user_makes_at_least_three_requests(tmp_path):
+    cfg = ShopConfig(items=50, users=30, requests_per_user=1, images=False)
+    summary = generate_shop(cfg, tmp_path, pictures=synthetic_pictures())
+    assert summary["requests"] == 3 * 30

@@ -451,11 +451,12 @@ class Simulator:
         taste = np.concatenate(
             [rng.normal(0.0, s, (n_users, k)) for s, k in zip(TASTE_SCALE, self.sizes)], axis=1
         ).astype(np.float32)  # (U, V)
-        mean = cfg.requests_per_user - 3
-        n_requests = 3 + rng.negative_binomial(2, 2 / (2 + mean), n_users) if mean > 0 else None
-        if n_requests is None:
-            n_requests = np.full(n_users, 3)
-        n_requests = np.minimum(n_requests, int(10 * cfg.requests_per_user))
+        # At least 3 requests (the split needs 3 clicks), a heavy tail capped at 10x the mean.
+        extra = cfg.requests_per_user - 3
+        n_requests = np.full(n_users, 3)
+        if extra > 0:
+            n_requests += rng.negative_binomial(2, 2 / (2 + extra), n_users)
+        n_requests = np.minimum(n_requests, max(3, int(10 * cfg.requests_per_user)))
         horizon = cfg.days * 86_400
         now = rng.integers(0, horizon // 3, n_users).astype(np.int64)
         gap = (horizon - now) / (n_requests + 1)  # mean seconds between a user's requests
@@ -515,7 +516,6 @@ class Simulator:
             "no_click": no_click,
             "requests": int(n_requests.sum()),
             "last_click": last_click,
-            "users": users,
         }
 
     @staticmethod
