@@ -3,6 +3,8 @@
 
     .venv/bin/python benchmarks/shop_scale.py --items 1000000 \
         --out benchmarks/results/shop_scale_cpu.md
+    .venv/bin/python benchmarks/shop_scale.py --items 10000000 --users 40000 \
+        --out benchmarks/results/shop_scale_cpu.md    # 10M catalog, 2 user chunks: memory + rate
     .venv/bin/python benchmarks/shop_scale.py --items 10000 --keep runs/shop-10k     # smoke run
 
 Each size runs `generate_shop` in a fresh child process (so that one size's memory does not
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -50,15 +51,20 @@ def run(cfg: dict, out_dir: str) -> dict:
         check=True,
     )
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    result = json.loads(line[len("RESULT ") :])
-    result["child_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return result
+    return json.loads(line[len("RESULT ") :])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, nargs="+", default=[1_000_000])
     parser.add_argument("--oracle-users", type=int, default=100)
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=0,
+        help="0: karma shop's default (items / 2); fewer users "
+        "measure the catalog's full memory and a per-user rate when the full run is too long",
+    )
     parser.add_argument("--no-images", action="store_true")
     parser.add_argument("--keep", default=None, help="keep the last shop here (else a temp dir)")
     parser.add_argument("--out", default=None, help="append Markdown rows to this file")
@@ -66,7 +72,12 @@ def main() -> None:
 
     rows = []
     for items in args.items:
-        cfg = {"items": items, "oracle_users": args.oracle_users, "images": not args.no_images}
+        cfg = {
+            "items": items,
+            "users": args.users,
+            "oracle_users": args.oracle_users,
+            "images": not args.no_images,
+        }
         tmp = args.keep or tempfile.mkdtemp(prefix="karma-shop-")
         try:
             r = run(cfg, tmp)
@@ -90,6 +101,7 @@ def main() -> None:
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, shared with other jobs while measured; "
         f"one thread. Command: `python benchmarks/shop_scale.py --items "
         f"{' '.join(map(str, args.items))} --oracle-users {args.oracle_users}"
+        f"{f' --users {args.users}' if args.users else ''}"
         f"{' --no-images' if args.no_images else ''}`",
         "",
         "| items | users | requests | clicks (rows) | images | catalog s | pictures s | "
