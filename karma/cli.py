@@ -2,6 +2,7 @@
 
     karma data prepare --config configs/ml100k.yaml data.query_mode=none
     karma data stats runs/data/ml-100k
+    karma shop --items 2000 --out runs/shop      # simulated shop (then data.source=shop)
     karma train --config configs/debug.yaml loss.preset=karma [--resume]
     torchrun --nproc_per_node=2 -m karma train --config configs/debug.yaml
     karma eval --checkpoint runs/train/checkpoints/best
@@ -49,6 +50,31 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     from karma.data import format_stats
 
     print(format_stats(args.dir))
+    return 0
+
+
+def _cmd_shop(args: argparse.Namespace) -> int:
+    from karma.datasets.shop import ShopConfig, generate_shop, synthetic_pictures
+
+    cfg = ShopConfig(
+        items=args.items,
+        users=args.users,
+        requests_per_user=args.requests_per_user,
+        seed=args.seed,
+        colour_missing=args.colour_missing,
+        cold_share=args.cold_share,
+        query_share=args.query_share,
+        oracle_users=args.oracle_users,
+        images=not args.no_images,
+    )
+    pictures = synthetic_pictures(seed=args.seed) if args.pictures == "synthetic" else None
+    summary = generate_shop(cfg, args.out, pictures=pictures, fashion_mnist=args.fashion_mnist)
+    print(
+        f"simulated shop written to {args.out}: {summary['items']:,} items, "
+        f"{summary['users']:,} users, {summary['clicks']:,} clicks in {summary['requests']:,} "
+        f"requests ({summary['seconds']:.0f} s)"
+    )
+    print(f"next: karma data prepare --config configs/shop.yaml data.path={args.out}")
     return 0
 
 
@@ -143,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("stats", help="print the stats of a prepared dataset")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_data_stats)
+
+    p = sub.add_parser("shop", help="generate the simulated shop (items, images, clicks, oracle)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--items", type=int, default=2000)
+    p.add_argument("--users", type=int, default=0, help="0: items / 2, at least 100")
+    p.add_argument("--requests-per-user", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--colour-missing", type=float, default=0.3, help="titles without the colour")
+    p.add_argument("--cold-share", type=float, default=0.2, help="items arriving during the run")
+    p.add_argument("--query-share", type=float, default=0.7, help="typed queries vs feed visits")
+    p.add_argument("--oracle-users", type=int, default=5000)
+    p.add_argument("--no-images", action="store_true", help="no pictures, no image column")
+    p.add_argument("--pictures", choices=["fashion-mnist", "synthetic"], default="fashion-mnist")
+    p.add_argument("--fashion-mnist", default="/usr/share/datasets/fashion-mnist")
+    p.set_defaults(func=_cmd_shop)
 
     p = sub.add_parser("train", help="train a KARMA model (DDP under torchrun)")
     _add_config_args(p)

@@ -41,6 +41,11 @@ class DataConfig:
     min_interactions: int = 3
     query_mode: str = "genre"  # none | genre | genre_decade
     seed: int = 0
+    # Item images (karma/images.py): the items table's `image` column, else `image_dir`/{item_id}.*
+    images: str = "auto"  # auto: frozen features when any item has an image | off: ignore images
+    image_dir: str = ""  # folder of images named by item id (item "42" -> 42.jpg / 42.png ...)
+    image_policy: str = "error"  # items without an image: error | zeros (zero feature) | drop
+    image_batch_size: int = 4  # images per encoder pass (larger batches are slower on CPU)
 
 
 @dataclass

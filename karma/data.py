@@ -40,7 +40,8 @@ from karma.errors import DataError, KarmaError
 from karma.split import QUERY_MODES, SPLITS, Examples, protocol_line, split_leave_one_out
 from karma.tables import ItemTable, SourceData, load_files
 
-SOURCES = ("ml-100k", "ml-1m", "movielens", "recbole", "amazon", "files")
+SOURCES = ("ml-100k", "ml-1m", "movielens", "recbole", "amazon", "files", "shop")
+IMAGE_FEATURES_FILE = "image_features.npy"  # (n_items, 1280) float32, item_idx order
 
 ITEMS_SCHEMA = pa.schema(
     [
@@ -123,6 +124,10 @@ def load_source(cfg: DataConfig) -> SourceData:
         from karma.datasets.movielens import load_movielens
 
         return load_movielens(cfg.path)
+    if cfg.source == "shop":
+        from karma.datasets.shop import load_shop
+
+        return load_shop(cfg.path)
     if cfg.source == "recbole":
         from karma.datasets.recbole import load_recbole
 
@@ -201,17 +206,21 @@ def compute_stats(
 
 def prepare_dataset(cfg: Config) -> Path:
     """Load `cfg.data.source`, validate, split, synthesize queries and write
-    `cfg.data.prepared_dir` (items/train/valid/test.parquet, stats.json, config.yaml).
+    `cfg.data.prepared_dir` (items/train/valid/test.parquet, stats.json, config.yaml, and
+    image_features.npy when the items have images: karma.images).
 
     The directory is written to a temporary sibling and renamed into place, so an interrupted
     run never leaves a half dataset behind; only a directory karma wrote is ever replaced
     (`karma.atomic.replace_dir`), never one holding the input files.
     """
+    from karma.images import prepare_images  # torch and PIL: only when preparing
+
     data_cfg = cfg.data
     _check_data_config(data_cfg)
     # Refuse a bad output directory now, not after minutes of loading and splitting.
     check_output_dir(data_cfg.prepared_dir, "data.prepared_dir", _inputs(data_cfg))
     source = load_source(data_cfg)
+    source, images = prepare_images(source, data_cfg)
     splits, split_dropped = split_leave_one_out(
         source,
         max_history=data_cfg.max_history,
@@ -225,8 +234,13 @@ def prepare_dataset(cfg: Config) -> Path:
             "(data.min_interactions)"
         )
     stats = compute_stats(source, splits, split_dropped, data_cfg)
+    if images is not None:
+        stats["images"] = images.info
+
     with replace_dir(data_cfg.prepared_dir, "data.prepared_dir", _inputs(data_cfg)) as tmp:
         pq.write_table(_items_table(source.items), tmp / "items.parquet")
+        if images is not None:
+            np.save(tmp / IMAGE_FEATURES_FILE, images.features)
         for name in SPLITS:
             pq.write_table(_examples_table(splits[name]), tmp / f"{name}.parquet")
         write_json_atomic(tmp / "stats.json", stats)
@@ -357,6 +371,25 @@ def load_or_prepare(cfg: Config, is_main: bool = True) -> PreparedData:
     return data
 
 
+def load_image_features(dir: str | Path) -> np.ndarray | None:
+    """The frozen image features of a prepared dataset, (n_items, 1280) float32 in item_idx
+    order (zeros for items without an image: their `image_path` is null), or None when the
+    dataset has no images. Pass them to `BatchBuilder(..., image_features=)` with
+    model.image_dim = feats.shape[1]."""
+    path = Path(dir)
+    file = path / IMAGE_FEATURES_FILE
+    if not file.is_file():
+        return None
+    features = np.load(file)
+    n_items = pq.read_metadata(path / "items.parquet").num_rows
+    if features.dtype != np.float32 or features.ndim != 2 or len(features) != n_items:
+        raise DataError(
+            f"{file}: expected float32 ({n_items}, D) features, got {features.dtype} "
+            f"{features.shape} (re-run `karma data prepare`)"
+        )
+    return features
+
+
 def format_stats(dir: str | Path) -> str:
     """The stats of a prepared dataset as a human-readable table."""
     stats = read_stats(dir)
@@ -373,6 +406,16 @@ def format_stats(dir: str | Path) -> str:
     if not stats["dropped"]:
         rows.append(("dropped", "none"))
     rows += [(f"note {reason}", f"{n:,}") for reason, n in stats["notes"].items()]
+    if "images" in stats:
+        img = stats["images"]
+        rows.append(
+            (
+                "images",
+                f"{img['items_with_image']:,} items ({img['unique_images']:,} distinct), "
+                f"{img['items_without_image']:,} without (policy {img['policy']}), "
+                f"{img['dim']}-d {img['encoder'].split(' ')[0]}",
+            )
+        )
     rows.append(("query_mode", str(stats["query_mode"])))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
@@ -385,6 +428,7 @@ __all__ = [
     "ItemTable",
     "PreparedData",
     "format_stats",
+    "load_image_features",
     "load_prepared",
     "load_source",
     "prepare_dataset",

@@ -9,7 +9,9 @@
 
 Input tables (Parquet, CSV or JSONL; `.gz` JSONL too):
 - items: `item_id`, `title`; optional `year`, `category` (alias `categories`), `attributes`,
-  `image_path`. Lists may be real lists, JSON strings ('["a", "b"]') or "a|b" strings (CSV).
+  `image` (alias `image_path`: an image file, relative to the items table's folder or absolute;
+  a path that does not exist is an error). Lists may be real lists, JSON strings ('["a", "b"]')
+  or "a|b" strings (CSV).
 - interactions: `user_id`, `item_id`, `timestamp` (integer, or ISO-8601 string read as UTC
   seconds; one kind per file, never mixed); optional `query`, `impressions` (item ids shown in
   the same request), `clicked`. Only clicked rows (all rows when there is no `clicked` column)
@@ -26,6 +28,7 @@ out-of-order input is reported in `notes`.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,7 +56,9 @@ class ItemTable:
     texts: list[str]
     categories: list[list[str]]
     years: list[int | None]
-    image_paths: list[str | None] = field(default_factory=list)
+    image_paths: list[str | None] = field(default_factory=list)  # resolved, None = no image
+    rows: list[int] = field(default_factory=list)  # source data row of each item (for errors)
+    source_path: str = ""  # the items table the rows refer to
 
     @property
     def n_items(self) -> int:
@@ -257,6 +262,23 @@ def _require_columns(table: RawTable, names: Sequence[str], errors: ErrorLog) ->
     return ok
 
 
+def _image_path_parser(table_path: str) -> Any:
+    """Parser of the `image` column: a path relative to the items table (or absolute) that
+    must exist; missing -> None (the item has no image, see `data.image_policy`)."""
+    base = Path(table_path).parent
+
+    def parse(value: Any) -> str | None:
+        text = _parse_optional_str(value)
+        if text is None:
+            return None
+        path = os.path.abspath(base / text)
+        if not os.path.isfile(path):
+            raise _FieldError(f"image file not found: {path}")
+        return path
+
+    return parse
+
+
 def _checked(errors: ErrorLog, path: str, row: int, name: str, parse: Any, value: Any) -> Any:
     """`parse(value)`, or None after logging the error at (path, row, name)."""
     try:
@@ -269,12 +291,14 @@ def _checked(errors: ErrorLog, path: str, row: int, name: str, parse: Any, value
 def validate_items(table: RawTable, errors: ErrorLog) -> tuple[ItemTable, set[str]]:
     """Validate an items table. Returns the catalog and the set of every item id seen (also on
     bad rows, so that interactions pointing at them do not add a second error per row)."""
-    items = ItemTable([], [], [], [], [], [])
+    items = ItemTable([], [], [], [], [], [], [], table.path)
     all_ids: set[str] = set()
     if not _require_columns(table, ("item_id", "title"), errors):
         return items, all_ids
     cols = table.columns
     category_col = next((c for c in ("category", "categories") if c in cols), None)
+    image_col = next((c for c in ("image", "image_path") if c in cols), None)
+    parse_image = _image_path_parser(table.path)
     first_row: dict[str, int] = {}
     n = len(table)
     none = [None] * n
@@ -310,7 +334,7 @@ def validate_items(table: RawTable, errors: ErrorLog) -> tuple[ItemTable, set[st
             check(category_col, _parse_str_list, cols[category_col][i]) if category_col else []
         )
         attributes = check("attributes", _parse_attributes, cols.get("attributes", none)[i])
-        image_path = check("image_path", _parse_optional_str, cols.get("image_path", none)[i])
+        image_path = check(image_col, parse_image, cols[image_col][i]) if image_col else None
         if errors.count > n_errors:
             continue
         items.item_ids.append(item_id)
@@ -318,6 +342,7 @@ def validate_items(table: RawTable, errors: ErrorLog) -> tuple[ItemTable, set[st
         items.categories.append(categories)
         items.years.append(year)
         items.image_paths.append(image_path)
+        items.rows.append(row)
         items.texts.append(render_item_text(title, year, categories, attributes))
     return items, all_ids
 
