@@ -42,6 +42,18 @@ def debug_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run" / "checkpoints" / "last"
 
 
+@pytest.fixture(scope="session")
+def serve_service(debug_checkpoint: Path):
+    """A `karma.serve.Service` over `debug_checkpoint` (model, catalog, index, worker thread),
+    shared by the API and browser tests; each test builds its own app (limits, token) on it."""
+    from karma.config import load_config
+    from karma.serve import Service
+
+    service = Service(load_config(None, [f"serve.checkpoint={debug_checkpoint}"]))
+    yield service
+    service.close()
+
+
 @pytest.fixture
 def tiny_backbone():
     """A fresh (model, tokenizer) pair from `load_backbone("tiny-random")` (fast, seeded)."""

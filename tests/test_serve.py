@@ -34,10 +34,8 @@ def serve_config(checkpoint: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def service(debug_checkpoint: Path) -> Service:
-    svc = Service(serve_config(debug_checkpoint))
-    yield svc
-    svc.close()
+def service(serve_service: Service) -> Service:
+    return serve_service
 
 
 @pytest.fixture(scope="module")
