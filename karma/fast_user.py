@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from karma.batching import IGNORE_INDEX, PromptFormat
+
 # ---- adapter: every call into KarmaModel lives here -------------------------------------------
 
 
@@ -86,6 +88,30 @@ def _item_hidden(catalog: Any) -> torch.Tensor:
     return catalog.item_hidden
 
 
+class HistoryFirstPrompt(PromptFormat):
+    """`<bos> History: <HIST>.. Query: q <EMB>`: the layout that puts the history first, so a
+    user's history key/values serve every new query. Used by the parity tests and
+    benchmarks/serve_latency.py to measure that case until `PromptFormat.user` adopts it."""
+
+    def user(
+        self,
+        query: str,
+        n_history: int = 0,
+        history_texts: Sequence[str] | None = None,
+        target_ids: Sequence[int] | None = None,
+    ) -> tuple[list[int], list[int], int, list[int]]:
+        if history_texts is not None or target_ids is not None:
+            raise ValueError("HistoryFirstPrompt covers the continuous interface at inference")
+        ids = list(self.bos) + self.history_first_ids
+        positions = list(range(len(ids), len(ids) + n_history))
+        ids += [self.hist_id] * n_history
+        if query:
+            ids += self.encode(" Query:") + self.encode(" " + query)[: self.cfg.max_query_tokens]
+        emb_position = len(ids)
+        ids.append(self.emb_id)
+        return ids, positions, emb_position, [IGNORE_INDEX] * len(ids)
+
+
 # ---- key/value caches ------------------------------------------------------------------------
 
 
@@ -135,6 +161,9 @@ class LRU:
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def values(self) -> list[PrefixKV]:
+        return list(self._data.values())
 
     def nbytes(self) -> int:
         return sum(e.nbytes() for e in self._data.values())
@@ -207,7 +236,9 @@ class FastUserEncoder:
     def _lookup(self, req: _Request, user_key: Hashable | None) -> None:
         # Reuse at most everything before <EMB>: its hidden state is what we need.
         limit = req.emb_position
-        candidates = [self.shared.get(req.content[: req.shared_end])]
+        # Shared entries are few and short: scan them all, so the fixed text (`<bos> Query:`)
+        # is reused even when the query itself is new.
+        candidates = list(self.shared.values())
         if user_key is not None:
             candidates.append(self.users.get(user_key))
         for entry in candidates:

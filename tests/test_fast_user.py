@@ -6,22 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from karma.batching import PromptFormat
-from karma.fast_user import FastUserEncoder, plain_user_embeddings
-
-
-class HistoryFirstPrompt(PromptFormat):
-    """`<bos> History: <HIST>.. Query: q <EMB>`: the layout that puts the history first."""
-
-    def user(self, query, n_history=0, history_texts=None, target_ids=None):
-        ids = list(self.bos) + self.history_first_ids
-        positions = list(range(len(ids), len(ids) + n_history))
-        ids += [self.hist_id] * n_history
-        if query:
-            ids += self.encode(" Query:") + self.encode(" " + query)[: self.cfg.max_query_tokens]
-        emb_position = len(ids)
-        ids.append(self.emb_id)
-        return ids, positions, emb_position, [-100] * len(ids)
+from karma.fast_user import FastUserEncoder, HistoryFirstPrompt, plain_user_embeddings
 
 
 def build(interface: str = "continuous", history_first: bool = False):
@@ -58,8 +43,10 @@ def assert_parity(model, catalog, texts, enc, histories, queries, keys) -> None:
     assert torch.allclose(fast, plain, atol=1e-4)
 
 
-@pytest.mark.parametrize("history_first", [False, True])
-@pytest.mark.parametrize("interface", ["continuous", "text"])
+@pytest.mark.parametrize(
+    ("interface", "history_first"),
+    [("continuous", False), ("continuous", True), ("text", False)],
+)
 def test_fast_matches_plain_one_user_sequence(interface: str, history_first: bool) -> None:
     model, catalog, texts = build(interface, history_first)
     enc = FastUserEncoder(model, catalog, texts)
