@@ -248,7 +248,7 @@ class FastUserEncoder:
             if n > req.reuse:
                 req.past, req.reuse = entry, n
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(
         self,
         histories: Sequence[Sequence[int]],
@@ -261,12 +261,13 @@ class FastUserEncoder:
             raise ValueError(f"{len(histories)} histories but {len(queries)} queries")
         keys = list(user_keys) if user_keys is not None else [None] * len(histories)
         reqs = [self._request(h, q) for h, q in zip(histories, queries)]
+        B = len(reqs)
         for req, key in zip(reqs, keys):
             self._lookup(req, key if key is not None else ("history", tuple(req.history)))
         hidden, kv = self._forward(reqs)
         for b, (req, key) in enumerate(zip(reqs, keys)):
             key = key if key is not None else ("history", tuple(req.history))
-            full = PrefixKV(req.content[: req.emb_position], *self._row_kv(kv, reqs, b))
+            full = PrefixKV(req.content[: req.emb_position], *self._row_kv(kv, reqs, b, B > 1))
             self.users.put(key, full)
             if self.shared.get(req.content[: req.shared_end]) is None:
                 n = req.shared_end
@@ -338,24 +339,27 @@ class FastUserEncoder:
                 else:
                     k = r.past.keys[layer][:, : r.reuse]
                     v = r.past.values[layer][:, : r.reuse]
-                pad = (0, 0, P - k.shape[1], 0)  # left padding along the sequence axis
-                ks.append(torch.nn.functional.pad(k, pad))
-                vs.append(torch.nn.functional.pad(v, pad))
+                if k.shape[1] < P:
+                    pad = (0, 0, P - k.shape[1], 0)  # left padding along the sequence axis
+                    k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+                ks.append(k)
+                vs.append(v)
             data.append((torch.stack(ks), torch.stack(vs)))
-        return DynamicCache(ddp_cache_data=data, config=self.decoder.config)
+        return DynamicCache(ddp_cache_data=data)
 
     @staticmethod
     def _row_kv(
-        kv: list, reqs: list[_Request], b: int
+        kv: list, reqs: list[_Request], b: int, copy: bool
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Row b's key/values before <EMB>, without padding: (h, emb_position, hd) per layer."""
+        """Row b's key/values before <EMB>, without padding: (h, emb_position, hd) per layer.
+
+        Its past (left-padded) and new tokens are adjacent, so this is one slice; a view for a
+        batch of one, a copy otherwise (a view would keep the whole batch's tensors alive)."""
         r = reqs[b]
         P = max(q.reuse for q in reqs)
-        n_new = r.emb_position - r.reuse  # new tokens before <EMB>
-        keys, values = [], []
-        for k, v in kv:
-            keep = torch.cat([k[b, :, P - r.reuse : P], k[b, :, P : P + n_new]], dim=1)
-            keys.append(keep.clone())
-            keep = torch.cat([v[b, :, P - r.reuse : P], v[b, :, P : P + n_new]], dim=1)
-            values.append(keep.clone())
+        span = slice(P - r.reuse, P + r.emb_position - r.reuse)
+        keys = [k[b, :, span] for k, _ in kv]
+        values = [v[b, :, span] for _, v in kv]
+        if copy:
+            keys, values = [k.clone() for k in keys], [v.clone() for v in values]
         return keys, values
