@@ -17,8 +17,9 @@ needed) over a synthetic 64-item catalog. Each timed call encodes one request en
 - returning user, new query: the user's prompt key/values are cached, the query is new;
 - returning user, new click: the same query, one more item at the end of the history;
 - no query, new click: the recommendation case (no query), one more item;
-- int8 + returning user, new query: the same with the decoder's Linear layers dynamically
-  quantized to int8 (torch.ao), to see whether it wins on this CPU and what it costs in cosine;
+- int8 / bf16 + returning user, new query: the same with the decoder's Linear layers
+  dynamically quantized to int8 (torch.ao), or the whole model in bfloat16, to see whether
+  they win on this CPU and what they cost in cosine;
 - batch of 8 new users: one `encode` call for 8 requests (dynamic batching), per request.
 
 Every variant reports p50/p95/p99 over `--iters` calls (after 3 warm-up calls) and the minimum
@@ -28,8 +29,8 @@ cosine of its u with the plain path's u on the same inputs (target >= 0.999).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
-import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 from karma.config import load_config
 from karma.fast_user import FastUserEncoder, HistoryFirstPrompt, plain_user_embeddings
 from karma.model import build_model
+from karma.report import shared_cpu_run
 
 QUERIES = [
     "comedy films from the nineties", "dark crime thriller", "animated movies for kids",
@@ -51,13 +53,6 @@ QUERIES = [
 ]
 HISTORY = 20
 N_ITEMS = 64  # the catalog only supplies h_i for history tokens; its size does not matter here
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def percentiles(ms: list[float]) -> tuple[float, float, float]:
@@ -86,7 +81,7 @@ def time_round_robin(cases: list[tuple], n: int, desc: str) -> dict[str, dict]:
 
 
 def run_layout(model, catalog, texts, layout: str, iters: int, rng: np.random.Generator,
-               int8_model) -> list[dict]:
+               lowp: dict[str, object]) -> list[dict]:
     n = iters + 3
     histories = [rng.choice(N_ITEMS, HISTORY + 1, replace=False).tolist() for _ in range(n)]
     queries = [QUERIES[i % len(QUERIES)] for i in range(n)]
@@ -132,9 +127,9 @@ def run_layout(model, catalog, texts, layout: str, iters: int, rng: np.random.Ge
                   [warm(enc, h[: HISTORY - 1], "", f"r{i}") for i, h in enumerate(histories)],
                   [fast(enc, h[:HISTORY], "", f"r{i}") for i, h in enumerate(histories)],
                   [(h[:HISTORY], "") for h in histories], enc))
-    if int8_model is not None:
-        qenc = FastUserEncoder(int8_model, catalog, texts)
-        cases.append(("int8 + returning user, new query",
+    for kind, lowp_model in lowp.items():
+        qenc = FastUserEncoder(lowp_model, catalog, texts)
+        cases.append((f"{kind} + returning user, new query",
                       [warm(qenc, h[:HISTORY], q, f"q{i}") for i, (h, q) in
                        enumerate(zip(histories, queries))],
                       [fast(qenc, h[:HISTORY], q, f"q{i}") for i, (h, q) in
@@ -173,8 +168,6 @@ def run_layout(model, catalog, texts, layout: str, iters: int, rng: np.random.Ge
 
 def quantized_copy(model):
     """The model with its decoder's Linear layers dynamically quantized to int8 (a copy)."""
-    import copy
-
     qmodel = copy.deepcopy(model)
     layers = qmodel.base_lm.get_decoder().layers
     torch.ao.quantization.quantize_dynamic(layers, {torch.nn.Linear}, dtype=torch.qint8,
@@ -187,7 +180,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="smollm2-135m")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
-    parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--no-lowp", action="store_true", help="skip the int8 and bf16 variants")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -199,28 +192,24 @@ def main() -> None:
     start = time.time()
     with torch.no_grad():
         catalog = model.encode_catalog(texts, batch_size=64)
-        int8_model = None if args.no_int8 else quantized_copy(model)
+        lowp = {} if args.no_lowp else {
+            "int8": quantized_copy(model), "bf16": copy.deepcopy(model).to(torch.bfloat16)
+        }
         rows = []
         for layout in ("query first (current PromptFormat)", "history first"):
             if layout == "history first":
                 model.prompt = HistoryFirstPrompt(model.tokenizer, cfg.model)
-                if int8_model is not None:
-                    int8_model.prompt = model.prompt
+                for lowp_model in lowp.values():
+                    lowp_model.prompt = model.prompt
             rows += run_layout(model, catalog, texts, layout, args.iters,
-                               np.random.default_rng(0), int8_model)
-    load = os.getloadavg()
-    policy = os.environ.get("OMP_WAIT_POLICY")
-    wait_policy = f" OMP_WAIT_POLICY={policy}" if policy else ""
+                               np.random.default_rng(0), lowp)
+    env, machine = shared_cpu_run(args.threads)
     lines = [
         "# Serving latency: one user embedding, batch 1, CPU",
         "",
-        f"Command: `OMP_NUM_THREADS={args.threads}{wait_policy} .venv/bin/python "
-        f"benchmarks/serve_latency.py "
-        f"--backbone {args.backbone} --iters {args.iters}"
-        + (" --no-int8" if args.no_int8 else "") + "`",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, shared with other jobs (load average "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end), torch {torch.__version__}, "
-        f"{args.threads} intra-op threads; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; "
+        f"Command: `{env} .venv/bin/python benchmarks/serve_latency.py --backbone "
+        f"{args.backbone} --iters {args.iters}" + (" --no-lowp" if args.no_lowp else "") + "`",
+        f"Machine: {machine}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; "
         f"{time.time() - start:.0f} s.",
         f"Model: {args.backbone} backbone built from the config with random karma heads (no "
         f"checkpoint: latency and fast-vs-plain parity do not depend on trained heads), "

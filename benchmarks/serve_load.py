@@ -40,13 +40,6 @@ QUERIES = ["Comedy", "Drama", "Action", "Thriller", "Romance", "Sci-Fi", "Horror
 HOST = "127.0.0.1"  # loopback only: this benchmark never listens on or calls another address
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def make_checkpoint(backbone: str, out: Path) -> Path:
     """configs/debug.yaml with `backbone`, random heads, saved as a checkpoint (no training)."""
     import torch
@@ -127,7 +120,7 @@ async def run_level(base: str, users: list[str], clients: int, duration: float,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbones", nargs="+", default=["tiny-random"])
+    parser.add_argument("--backbones", nargs="+", default=["tiny-random", "smollm2-135m"])
     parser.add_argument("--checkpoint", default=None, help="serve this checkpoint instead")
     parser.add_argument("--levels", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per level")
@@ -167,18 +160,18 @@ def main() -> int:
                 proc.wait(timeout=30)
             sections.append((name, startup, rows))
 
-    load = os.getloadavg()
+    from karma.report import shared_cpu_run
+
+    env, machine = shared_cpu_run(args.threads)
     lines = [
         "# Serving load test: POST /search on the loopback address, CPU",
         "",
-        f"Command: `OMP_NUM_THREADS={args.threads} .venv/bin/python benchmarks/serve_load.py "
+        f"Command: `{env} .venv/bin/python benchmarks/serve_load.py "
         + (f"--checkpoint {args.checkpoint} " if args.checkpoint else
            f"--backbones {' '.join(args.backbones)} ")
         + f"--levels {' '.join(map(str, args.levels))} --duration {args.duration:g} "
         f"--max-requests {args.max_requests}`",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, shared with other jobs (load average "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end); server and clients on the "
-        f"same 2 cores, server with {args.threads} torch threads; "
+        f"Machine: {machine} in the server, clients on the same cores; "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {time.time() - start:.0f} s in all.",
         "Server: `karma serve` (uvicorn, one model worker with dynamic batching and the prefix "
         "key/value caches, exact FAISS index) over ML-100K (1,682 items, 943 users) with the "

@@ -171,6 +171,22 @@ def test_token_guards_everything_but_health(service: Service, debug_checkpoint: 
         assert c.post("/search", json={"query": "comedy"}, headers=good).status_code == 200
 
 
+def test_image_urls_when_the_catalog_has_images(
+    client: TestClient, service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "item.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    paths = [str(image) if i % 2 == 0 else None for i in range(service.items.n_items)]
+    monkeypatch.setattr(service.items, "image_paths", paths)
+    items = client.post("/search", json={"query": "Comedy", "k": 20}).json()["items"]
+    with_image = [it for it in items if it["image_url"]]
+    assert with_image and len(with_image) < len(items)  # only the items that have one
+    r = client.get(with_image[0]["image_url"])
+    assert r.status_code == 200 and r.content == image.read_bytes()
+    row = next(i for i, p in enumerate(paths) if p is None)
+    assert client.get(f"/images/{service.items.item_ids[row]}").status_code == 404
+
+
 def test_page_and_browse_routes(client: TestClient, service: Service) -> None:
     r = client.get("/")
     assert r.status_code == 200 and 'id="query"' in r.text
