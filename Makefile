@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.karma-installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,7 +34,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/karma demo
 
-test: $(STAMP)
+# The browser test drives Debian's chromium (Playwright cannot download its own browser here);
+# install it where apt is available and we are root (CI), else that one test skips.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq chromium; fi
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check karma tests benchmarks
 	$(BIN)/python -m pytest -q
 

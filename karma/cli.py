@@ -10,6 +10,7 @@
     karma baseline sasrec --config configs/ml100k.yaml
     karma experiment --config configs/ml100k.yaml methods=[popularity,sasrec] seeds=[0,1,2]
     karma analyze --checkpoint A --compare B --out runs/analysis
+    karma serve --checkpoint runs/train/checkpoints/best [--export runs/export] serve.port=8000
     karma backbones list
     karma demo
 
@@ -136,6 +137,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from karma.serve import serve
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.serve.checkpoint = args.checkpoint
+    if args.export is not None:
+        cfg.serve.export = args.export
+    serve(cfg)
+    return 0
+
+
 def _cmd_backbones_list(args: argparse.Namespace) -> int:
     from karma.backbones import format_backbones
 
@@ -220,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/analysis")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("serve", help="HTTP search API and search page for a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--export", default=None, help="a `karma export` dir whose index is loaded")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_serve)
 
     bb = sub.add_parser("backbones", help="list and convert pretrained backbones")
     bb_sub = bb.add_subparsers(dest="backbones_command", required=True)

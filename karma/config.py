@@ -158,8 +158,18 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     checkpoint: str = ""
-    max_history: int = 50
+    export: str = ""  # a `karma export` directory whose index/ is loaded; "" = build on start
+    prepared_dir: str = ""  # catalog and users; "" = the checkpoint's data.prepared_dir
+    token: str = ""  # bearer token required by every route but /health and the page; "" = open
+    max_history: int = 50  # items in a request's history (the model reads the last
+    # data.max_history of them, as in training)
     max_top_k: int = 1000
+    max_query_chars: int = 200
+    max_body_bytes: int = 65536
+    max_batch: int = 32  # concurrent requests encoded in one forward pass
+    user_cache_size: int = 256  # users whose prompt key/values are kept (~1.5 MB each, SmolLM2)
+    max_explain_tokens: int = 32
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
 
 
 @dataclass

@@ -53,6 +53,17 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def shared_cpu_run(threads: int) -> tuple[str, str]:
+    """(environment prefix of the command, machine sentence) for a CPU benchmark's results file:
+    the thread settings that shape the figures and the load of other jobs at the end."""
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    env = f"OMP_NUM_THREADS={threads}" + (f" OMP_WAIT_POLICY={policy}" if policy else "")
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, shared with other jobs (load average "
+               f"{load} at the end), torch {torch.__version__}, {threads} intra-op threads")
+    return env, machine
+
+
 def device_name() -> str:
     """The GPU when CUDA is used, else the CPU model and core count."""
     if torch.cuda.is_available():

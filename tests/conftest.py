@@ -5,6 +5,9 @@ def test_something(tiny_backbone):
 
 def test_cache(tmp_karma_home):           # KARMA_HOME points at a fresh tmp dir
     ...
+
+def test_serving(debug_checkpoint):       # configs/debug.yaml trained 2 steps (once a session)
+    ...
 """
 
 from __future__ import annotations
@@ -21,6 +24,34 @@ def tmp_karma_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("KARMA_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def debug_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`checkpoints/last` of configs/debug.yaml (real ML-100K, tiny random backbone) after 2
+    training steps; the prepared data lives beside it."""
+    from karma.config import load_config
+    from karma.train import train
+
+    root = tmp_path_factory.mktemp("debug_run")
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "debug.yaml", [
+        "train.steps=2", "train.eval_every=0", "train.save_every=2", "train.log_every=1",
+        f"train.output_dir={root / 'run'}", f"data.prepared_dir={root / 'data'}",
+    ])
+    train(cfg)
+    return root / "run" / "checkpoints" / "last"
+
+
+@pytest.fixture(scope="session")
+def serve_service(debug_checkpoint: Path):
+    """A `karma.serve.Service` over `debug_checkpoint` (model, catalog, index, worker thread),
+    shared by the API and browser tests; each test builds its own app (limits, token) on it."""
+    from karma.config import load_config
+    from karma.serve import Service
+
+    service = Service(load_config(None, [f"serve.checkpoint={debug_checkpoint}"]))
+    yield service
+    service.close()
 
 
 @pytest.fixture

@@ -1,0 +1,365 @@
+"""Fast online user embeddings: reuse the key/values of prompt prefixes across requests.
+
+    encoder = FastUserEncoder(model, catalog, item_texts, max_cached_users=256)
+    u = encoder.encode([[12, 7, 99]], ["comedy"], user_keys=["u42"])   # (B, k) float32
+    u_plain = plain_user_embeddings(model, [[12, 7, 99]], ["comedy"], catalog, item_texts)
+
+A user prompt is a token sequence (karma/batching.py, `PromptFormat.user`). Each position gets a
+content key: its token id, or the item index for a `<HIST>` placeholder (whose input embedding is
+P_h(h_i), so the token id alone does not say what it holds). Two prompts with the same keys up to
+position L have the same key/values up to L (causal attention, positions counting real tokens),
+so the key/values of a prefix computed once can be reused and only the rest is run. Two caches:
+
+- shared: the text before the first history item (`<bos> Query: q History:` in the query-first
+  layout, `<bos> History:` once the history comes first), one small LRU for all users;
+- per user: every key/value before `<EMB>`, keyed by user id (or by the history itself for
+  anonymous requests). A new request of the same user reuses the longest common prefix: with
+  the history before the query a new query runs only its own tokens, and a new click runs only
+  the new item onwards; in the query-first layout the query-less case runs `<EMB>` alone.
+
+Nothing here hard-codes a layout: segments come from the ids `PromptFormat` produces, so the
+parity test (tests/test_fast_user.py) holds whatever layout it uses. Requests are batched with
+their cached prefixes left-padded and the new tokens right-padded, with explicit position ids;
+the result matches the training-time path (`plain_user_embeddings`) to cosine >= 0.999 (in fact
+to float rounding). All calls into the model are in the adapter section below, so a move of the
+inference API (karma/inference.py) re-points a handful of functions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from karma.batching import IGNORE_INDEX, PromptFormat
+
+# ---- adapter: every call into KarmaModel lives here -------------------------------------------
+
+
+def plain_user_embeddings(
+    model: Any,
+    histories: Sequence[Sequence[int]],
+    queries: Sequence[str],
+    catalog: Any,
+    item_texts: Sequence[str] | None,
+) -> torch.Tensor:
+    """The training-time path (one plain forward of the whole prompt). -> (B, k) float32"""
+    return model.encode_users(histories, queries, catalog, item_texts, batch_size=len(histories))
+
+
+def _prompt_ids(
+    model: Any, query: str, history: Sequence[int], item_texts: Sequence[str] | None
+) -> tuple[list[int], int]:
+    """(token ids, position of <EMB>) of the user prompt, exactly as the model builds it."""
+    texts = None
+    if model.cfg.model.interface != "continuous":
+        texts = [item_texts[i] for i in history]
+    ids, _, emb_position, _ = model.prompt.user(query, n_history=len(history), history_texts=texts)
+    return ids, emb_position
+
+
+def _hist_token_id(model: Any) -> int | None:
+    """The placeholder whose embedding is an item vector (None for the text interface)."""
+    return model.prompt.hist_id if model.cfg.model.interface == "continuous" else None
+
+
+def _input_embeds(
+    model: Any, ids: torch.Tensor, history_hidden: torch.Tensor | None
+) -> torch.Tensor:
+    """Input embeddings (1, T, d) with <HIST> filled by P_h(h_i) for history_hidden (n, d)."""
+    return model.user_embeds(ids.to(model.device), history_hidden)
+
+
+def _decoder(model: Any) -> torch.nn.Module:
+    return model.base_lm.get_decoder()
+
+
+def _user_from_last(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """u from the last hidden state at <EMB>: (B, d) -> (B, k) float32."""
+    rows = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    return model.user_from_hidden(hidden[:, None, :], rows).float()
+
+
+def _item_hidden(catalog: Any) -> torch.Tensor:
+    return catalog.item_hidden
+
+
+class HistoryFirstPrompt(PromptFormat):
+    """`<bos> History: <HIST>.. Query: q <EMB>`: the layout that puts the history first, so a
+    user's history key/values serve every new query. Used by the parity tests and
+    benchmarks/serve_latency.py to measure that case until `PromptFormat.user` adopts it."""
+
+    def user(
+        self,
+        query: str,
+        n_history: int = 0,
+        history_texts: Sequence[str] | None = None,
+        target_ids: Sequence[int] | None = None,
+    ) -> tuple[list[int], list[int], int, list[int]]:
+        if history_texts is not None or target_ids is not None:
+            raise ValueError("HistoryFirstPrompt covers the continuous interface at inference")
+        ids = list(self.bos) + self.history_first_ids
+        positions = list(range(len(ids), len(ids) + n_history))
+        ids += [self.hist_id] * n_history
+        if query:
+            ids += self.encode(" Query:") + self.encode(" " + query)[: self.cfg.max_query_tokens]
+        emb_position = len(ids)
+        ids.append(self.emb_id)
+        return ids, positions, emb_position, [IGNORE_INDEX] * len(ids)
+
+
+# ---- key/value caches ------------------------------------------------------------------------
+
+
+def _cache_keyword(decoder: torch.nn.Module) -> str:
+    """transformers >= 5.24 calls the KV cache argument `cache` (`past_key_values` before)."""
+    params = inspect.signature(type(decoder).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass
+class PrefixKV:
+    """Key/values of a prompt prefix: `keys[l]`, `values[l]` are (heads, L, head_dim) per layer,
+    `content` the content key of each of the L positions."""
+
+    content: tuple[Hashable, ...]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return len(self.content)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class LRU:
+    """A bounded mapping that forgets the least recently used entry."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[Hashable, PrefixKV] = OrderedDict()
+
+    def get(self, key: Hashable) -> PrefixKV | None:
+        entry = self._data.get(key)
+        if entry is not None:
+            self._data.move_to_end(key)
+        return entry
+
+    def put(self, key: Hashable, entry: PrefixKV) -> None:
+        if self.capacity <= 0:
+            return
+        self._data[key] = entry
+        self._data.move_to_end(key)
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def values(self) -> list[PrefixKV]:
+        return list(self._data.values())
+
+    def nbytes(self) -> int:
+        return sum(e.nbytes() for e in self._data.values())
+
+
+def _common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    content: tuple[Hashable, ...]
+    history: list[int]
+    emb_position: int
+    shared_end: int  # end of the text before the first history item (shared across users)
+    past: PrefixKV | None = None
+    reuse: int = 0
+
+
+class FastUserEncoder:
+    """User embeddings u with reused prefix key/values; equal to `plain_user_embeddings`.
+
+    Not thread-safe: one thread (the server's batcher) owns an encoder. `stats` counts the
+    tokens run and the tokens reused, so tests and benchmarks can see the caches work.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        catalog: Any,
+        item_texts: Sequence[str] | None = None,
+        max_cached_users: int = 256,
+        max_shared_prefixes: int = 64,
+    ) -> None:
+        self.model = model
+        self.catalog = catalog
+        self.item_texts = item_texts
+        self.decoder = _decoder(model)
+        self.cache_kw = _cache_keyword(self.decoder)
+        self.hist_id = _hist_token_id(model)
+        self.users = LRU(max_cached_users)
+        self.shared = LRU(max_shared_prefixes)
+        self.stats = {"requests": 0, "tokens_run": 0, "tokens_reused": 0}
+
+    def clear(self) -> None:
+        self.users = LRU(self.users.capacity)
+        self.shared = LRU(self.shared.capacity)
+
+    def _request(self, history: Sequence[int], query: str) -> _Request:
+        history = [int(i) for i in history]
+        ids, emb_position = _prompt_ids(self.model, query, history, self.item_texts)
+        content: list[Hashable] = []
+        items = iter(history)
+        first_item = emb_position
+        for pos, token in enumerate(ids):
+            if self.hist_id is not None and token == self.hist_id:
+                content.append(("item", next(items)))
+                first_item = min(first_item, pos)
+            else:
+                content.append(token)
+        if emb_position != len(ids) - 1:
+            raise ValueError("the user prompt must end at <EMB> (no target tokens at inference)")
+        return _Request(ids, tuple(content), history, emb_position, shared_end=first_item)
+
+    def _lookup(self, req: _Request, user_key: Hashable | None) -> None:
+        # Reuse at most everything before <EMB>: its hidden state is what we need.
+        limit = req.emb_position
+        # Shared entries are few and short: scan them all, so the fixed text (`<bos> Query:`)
+        # is reused even when the query itself is new.
+        candidates = list(self.shared.values())
+        if user_key is not None:
+            candidates.append(self.users.get(user_key))
+        for entry in candidates:
+            if entry is None:
+                continue
+            n = min(_common_prefix(entry.content, req.content), limit)
+            if n > req.reuse:
+                req.past, req.reuse = entry, n
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        histories: Sequence[Sequence[int]],
+        queries: Sequence[str],
+        user_keys: Sequence[Hashable | None] | None = None,
+    ) -> torch.Tensor:
+        """u (B, k) float32 on CPU; `user_keys[b]` names the per-user cache entry (None = the
+        history itself, so an anonymous repeat still hits)."""
+        if len(histories) != len(queries):
+            raise ValueError(f"{len(histories)} histories but {len(queries)} queries")
+        keys = list(user_keys) if user_keys is not None else [None] * len(histories)
+        reqs = [self._request(h, q) for h, q in zip(histories, queries)]
+        B = len(reqs)
+        for req, key in zip(reqs, keys):
+            self._lookup(req, key if key is not None else ("history", tuple(req.history)))
+        hidden, kv = self._forward(reqs)
+        for b, (req, key) in enumerate(zip(reqs, keys)):
+            key = key if key is not None else ("history", tuple(req.history))
+            full = PrefixKV(req.content[: req.emb_position], *self._row_kv(kv, reqs, b, B > 1))
+            self.users.put(key, full)
+            if self.shared.get(req.content[: req.shared_end]) is None:
+                n = req.shared_end
+                shared = PrefixKV(
+                    req.content[:n], [k[:, :n] for k in full.keys], [v[:, :n] for v in full.values]
+                )
+                self.shared.put(shared.content, shared)
+            self.stats["requests"] += 1
+            self.stats["tokens_reused"] += req.reuse
+            self.stats["tokens_run"] += len(req.ids) - req.reuse
+        return _user_from_last(self.model, hidden).cpu()
+
+    def _forward(self, reqs: list[_Request]) -> tuple[torch.Tensor, list]:
+        """Run the new tokens of every request in one batch.
+
+        Row b: past key/values left-padded to P = max reuse, new tokens right-padded to N. The
+        2-D attention mask (B, P + N) hides both paddings; position ids continue each row's past,
+        so every real token sees exactly what it sees in the plain forward.
+        Returns the hidden state at <EMB> (B, d) and the per-layer (keys, values) (B, h, P+N, hd).
+        """
+        model = self.model
+        device = model.device
+        B = len(reqs)
+        P = max(r.reuse for r in reqs)
+        N = max(len(r.ids) - r.reuse for r in reqs)
+        embeds, mask_rows, positions = [], [], []
+        for r in reqs:
+            new_ids = torch.tensor([r.ids[r.reuse :]], dtype=torch.long)
+            n_hist_before = sum(1 for c in r.content[: r.reuse] if isinstance(c, tuple))
+            new_items = r.history[n_hist_before:] if self.hist_id is not None else []
+            hidden_rows = None
+            if new_items:
+                hidden_rows = _item_hidden(self.catalog)[torch.tensor(new_items)].to(device)
+            emb = _input_embeds(model, new_ids, hidden_rows)[0]  # (n, d)
+            n = emb.shape[0]
+            embeds.append(torch.nn.functional.pad(emb, (0, 0, 0, N - n)))
+            mask_rows.append([0] * (P - r.reuse) + [1] * (r.reuse + n) + [0] * (N - n))
+            positions.append(list(range(r.reuse, r.reuse + N)))
+        inputs_embeds = torch.stack(embeds)  # (B, N, d)
+        attention_mask = torch.tensor(mask_rows, dtype=torch.long, device=device)
+        position_ids = torch.tensor(positions, dtype=torch.long, device=device)
+        cache = self._past_cache(reqs, P, inputs_embeds.dtype, device) if P > 0 else None
+        kwargs = {self.cache_kw: cache} if cache is not None else {}
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **kwargs,
+        )
+        cache = cache if cache is not None else getattr(out, self.cache_kw)
+        last = torch.tensor([len(r.ids) - r.reuse - 1 for r in reqs], device=device)
+        hidden = out.last_hidden_state[torch.arange(B, device=device), last]  # (B, d)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return hidden, kv
+
+    def _past_cache(self, reqs: list[_Request], P: int, dtype: torch.dtype, device: Any) -> Any:
+        from transformers import DynamicCache
+
+        n_layers = len(self.decoder.layers)
+        data = []
+        for layer in range(n_layers):
+            ks, vs = [], []
+            for r in reqs:
+                if r.past is None:
+                    ref = next(q.past for q in reqs if q.past is not None)
+                    h, _, hd = ref.keys[layer].shape
+                    k = v = torch.zeros(h, 0, hd, dtype=dtype, device=device)
+                else:
+                    k = r.past.keys[layer][:, : r.reuse]
+                    v = r.past.values[layer][:, : r.reuse]
+                if k.shape[1] < P:
+                    pad = (0, 0, P - k.shape[1], 0)  # left padding along the sequence axis
+                    k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+                ks.append(k)
+                vs.append(v)
+            data.append((torch.stack(ks), torch.stack(vs)))
+        return DynamicCache(ddp_cache_data=data)
+
+    @staticmethod
+    def _row_kv(
+        kv: list, reqs: list[_Request], b: int, copy: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Row b's key/values before <EMB>, without padding: (h, emb_position, hd) per layer.
+
+        Its past (left-padded) and new tokens are adjacent, so this is one slice; a view for a
+        batch of one, a copy otherwise (a view would keep the whole batch's tensors alive)."""
+        r = reqs[b]
+        P = max(q.reuse for q in reqs)
+        span = slice(P - r.reuse, P + r.emb_position - r.reuse)
+        keys = [k[b, :, span] for k, _ in kv]
+        values = [v[b, :, span] for _, v in kv]
+        if copy:
+            keys, values = [k.clone() for k in keys], [v.clone() for v in values]
+        return keys, values
