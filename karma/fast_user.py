@@ -48,7 +48,9 @@ def plain_user_embeddings(
     item_texts: Sequence[str] | None,
 ) -> torch.Tensor:
     """The training-time path (one plain forward of the whole prompt). -> (B, k) float32"""
-    return model.encode_users(histories, queries, catalog, item_texts, batch_size=len(histories))
+    from karma.inference import encode_users
+
+    return encode_users(model, histories, queries, catalog, item_texts, batch_size=len(histories))
 
 
 def _prompt_ids(

@@ -67,14 +67,21 @@ def encode_catalog(model: Any, item_texts: list[str], batch_size: int) -> Any:
             "serving a model with an image token (model.image_dim > 0) needs the catalog's image "
             "features, which karma serve cannot load yet"
         )
-    return model.encode_catalog(item_texts, batch_size=batch_size, progress=True)
+    if model.cfg.model.item_ids:
+        raise KarmaError(
+            "serving a hybrid model (model.item_ids=true) needs the item-ID path in "
+            "karma/fast_user.py, which is not written yet"
+        )
+    from karma.inference import encode_catalog as encode
+
+    return encode(model, item_texts, batch_size=batch_size, progress=True)
 
 
 def decode_interest(model: Any, user_emb: torch.Tensor, max_new_tokens: int) -> list[str]:
     """Greedy text from R(u) for each row of user_emb (B, k)."""
-    from karma.analysis.fidelity import decode_user_embeddings
+    from karma.inference import decode_from_embedding
 
-    return decode_user_embeddings(model, user_emb, max_new_tokens=max_new_tokens)
+    return decode_from_embedding(model, user_emb, max_new_tokens=max_new_tokens)
 
 
 # ---- the service: catalog, users, index and the batching worker ------------------------------
