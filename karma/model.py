@@ -218,17 +218,9 @@ class KarmaModel(nn.Module):
                 use_cache=False,
             )
             return out.last_hidden_state
-        cut = self.cfg.model.freeze_layers
-        hidden = inputs_embeds
-        if cut > 0:
-            hidden = _decoder_span(decoder, 0, cut, final_norm=False)(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-            ).last_hidden_state
+        hidden = self.run_lower(inputs_embeds, attention_mask)
         hidden = hidden + self.history_id_tokens(history_ids).to(hidden.dtype)
-        return self.run_from_layer(hidden, attention_mask, cut)
+        return self.run_from_layer(hidden, attention_mask, self.cfg.model.freeze_layers)
 
     def run_from_layer(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int

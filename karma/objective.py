@@ -146,17 +146,10 @@ class KarmaObjective(nn.Module):
             out["gen_loss"] = self.token_loss(hidden, batch["user_labels"], lm_head)
         out["rec_loss"] = zero
         if self.lambda_rec > 0:
-            rec_ids = batch["rec_input_ids"]
-            prefix = model.reconstruction_prefix(user_emb)  # (B, m, d)
-            rec_emb = fill_placeholders(
-                model.embed_tokens(rec_ids),
-                rec_ids,
-                model.prompt.rec_id,
-                prefix.reshape(-1, prefix.shape[-1]),
-                "reconstruction tokens",
+            out["rec_loss"] = reconstruction_loss(
+                model, user_emb, batch["rec_input_ids"], batch["rec_attention_mask"],
+                batch["rec_labels"], self.token_loss,
             )
-            rec_hidden = model.run_decoder(rec_emb, batch["rec_attention_mask"])
-            out["rec_loss"] = self.token_loss(rec_hidden, batch["rec_labels"], lm_head)
         loss = out["act_loss"] + self.lambda_gen * out["gen_loss"]
         loss = loss + self.lambda_rec * out["rec_loss"]
         if model.cfg.model.image_dim > 0:
@@ -168,3 +161,25 @@ class KarmaObjective(nn.Module):
             loss = loss + self.lambda_img * out["img_loss"]
         out["loss"] = loss
         return out
+
+
+def reconstruction_loss(
+    model: KarmaModel,
+    user_emb: torch.Tensor,
+    rec_ids: torch.Tensor,
+    rec_mask: torch.Tensor,
+    rec_labels: torch.Tensor,
+    token_loss: TokenCrossEntropy,
+) -> torch.Tensor:
+    """L_rec: the target text after R(u) (B, m, d), nothing else visible; gradients reach u.
+    rec_ids / rec_mask / rec_labels (B, T) from `PromptFormat.rec`."""
+    prefix = model.reconstruction_prefix(user_emb)  # (B, m, d)
+    rec_emb = fill_placeholders(
+        model.embed_tokens(rec_ids),
+        rec_ids,
+        model.prompt.rec_id,
+        prefix.reshape(-1, prefix.shape[-1]),
+        "reconstruction tokens",
+    )
+    rec_hidden = model.run_decoder(rec_emb, rec_mask)
+    return token_loss(rec_hidden, rec_labels, model.base_lm.get_output_embeddings())

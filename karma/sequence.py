@@ -40,7 +40,8 @@ from karma.batching import IGNORE_INDEX, pad_sequences
 from karma.config import Config, ConfigError, LossConfig
 from karma.errors import DataError
 from karma.losses import ActionLoss, CatalogSoftmaxLoss, TokenCrossEntropy, loss_weights
-from karma.model import KarmaModel, fill_placeholders
+from karma.model import KarmaModel
+from karma.objective import reconstruction_loss
 
 
 def check_sequence_config(cfg: Config) -> None:
@@ -233,29 +234,21 @@ class SequenceObjective(nn.Module):
         out["rec_loss"] = zero
         if self.lambda_rec > 0:
             user_emb = model.user_from_hidden(hidden, batch["last_cols"])  # (B, k)
-            out["rec_loss"] = self._rec_loss(user_emb, batch["rec_targets"], lm_head)
+            out["rec_loss"] = self._rec_loss(user_emb, batch["rec_targets"])
         out["loss"] = (
             out["act_loss"] + self.lambda_gen * out["gen_loss"] + self.lambda_rec * out["rec_loss"]
         )
         return out
 
-    def _rec_loss(
-        self, user_emb: torch.Tensor, rec_targets: list[list[int]], lm_head: nn.Module
-    ) -> torch.Tensor:
+    def _rec_loss(self, user_emb: torch.Tensor, rec_targets: list[list[int]]) -> torch.Tensor:
         model = self.model
         rec = [model.prompt.rec(t) for t in rec_targets]
         ids, mask, _ = pad_sequences([r[0] for r in rec], model.prompt.pad_id)
         labels, _, _ = pad_sequences([r[1] for r in rec], IGNORE_INDEX)
-        ids, mask, labels = ids.to(model.device), mask.to(model.device), labels.to(model.device)
-        prefix = model.reconstruction_prefix(user_emb)  # (B, m, d)
-        emb = fill_placeholders(
-            model.embed_tokens(ids),
-            ids,
-            model.prompt.rec_id,
-            prefix.reshape(-1, prefix.shape[-1]),
-            "reconstruction tokens",
+        device = model.device
+        return reconstruction_loss(
+            model, user_emb, ids.to(device), mask.to(device), labels.to(device), self.token_loss
         )
-        return self.token_loss(model.run_decoder(emb, mask), labels, lm_head)
 
 
 @torch.no_grad()
