@@ -25,6 +25,7 @@ from torch import nn
 
 from karma.config import load_config
 from karma.data import load_prepared
+from karma.inference import encode_catalog
 from karma.metrics import compute_metrics, rank_with_mask
 from karma.model import build_model
 
@@ -66,7 +67,7 @@ def main():
     if os.path.exists("runs/proto/catalog.pt"):
         h = torch.load("runs/proto/catalog.pt")
     else:
-        h = model.encode_catalog(texts, batch_size=64, progress=False).item_hidden.float()
+        h = encode_catalog(model, texts, batch_size=64, progress=False).item_hidden.float()
         torch.save(h, "runs/proto/catalog.pt")
     mu, sd = h.mean(0), h.std(0) + 1e-6
     hw = (h - mu) / sd if args.whiten else h

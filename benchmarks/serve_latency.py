@@ -11,7 +11,8 @@ needed) over a synthetic 64-item catalog. Each timed call encodes one request en
 (prompt building, tokenization, embedding, forward, u). Variants, per prompt layout (the current
 `PromptFormat`, query first, and `HistoryFirstPrompt`):
 
-- plain: `model.encode_users`, the training-time path (a plain HF forward of the whole prompt);
+- plain: `karma.inference.encode_users`, the training-time path (a plain HF forward of the
+  whole prompt);
 - new user: nothing cached for this user (the fixed text, and in the query-first layout a
   query another user sent before, come from the shared prefixes);
 - returning user, new query: the user's prompt key/values are cached, the query is new;
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 
 from karma.config import load_config
 from karma.fast_user import FastUserEncoder, HistoryFirstPrompt, plain_user_embeddings
+from karma.inference import encode_catalog
 from karma.model import build_model
 from karma.report import shared_cpu_run
 
@@ -191,7 +193,7 @@ def main() -> None:
              for i in range(N_ITEMS)]
     start = time.time()
     with torch.no_grad():
-        catalog = model.encode_catalog(texts, batch_size=64)
+        catalog = encode_catalog(model, texts, batch_size=64)
         lowp = {} if args.no_lowp else {
             "int8": quantized_copy(model), "bf16": copy.deepcopy(model).to(torch.bfloat16)
         }

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from karma.fast_user import FastUserEncoder, HistoryFirstPrompt, plain_user_embeddings
+from karma.inference import encode_catalog
 
 
 def build(interface: str = "continuous", history_first: bool = False):
@@ -21,7 +22,7 @@ def build(interface: str = "continuous", history_first: bool = False):
     if history_first:
         model.prompt = HistoryFirstPrompt(model.tokenizer, cfg.model)
     texts = [f"Movie {i} | Comedy" for i in range(30)]
-    catalog = model.encode_catalog(texts, progress=False)
+    catalog = encode_catalog(model, texts, progress=False)
     return model, catalog, texts
 
 

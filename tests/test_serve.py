@@ -50,7 +50,11 @@ def a_user(service: Service) -> str:
 
 def plain_embedding(service: Service, history: list[int], query: str) -> torch.Tensor:
     """u from the training-time path (a plain forward of the whole prompt)."""
-    return service.model.encode_users([history], [query], service.catalog, service.items.texts)[0]
+    from karma.inference import encode_users
+
+    return encode_users(
+        service.model, [history], [query], service.catalog, service.items.texts
+    )[0]
 
 
 def test_health(client: TestClient, service: Service) -> None:
@@ -106,14 +110,14 @@ def test_embed_equals_training_path(client: TestClient, service: Service) -> Non
 
 
 def test_explain_decodes_the_embedding(client: TestClient, service: Service) -> None:
-    from karma.analysis.fidelity import decode_user_embeddings
+    from karma.inference import decode_from_embedding
 
     user = a_user(service)
     r = client.post("/explain", json={"user_id": user, "query": "Comedy"})
     assert r.status_code == 200, r.text
     history = service.users[user][-service.model_history :]
     u = plain_embedding(service, history, "Comedy")
-    assert r.json()["text"] == decode_user_embeddings(service.model, u[None], max_new_tokens=32)[0]
+    assert r.json()["text"] == decode_from_embedding(service.model, u[None], max_new_tokens=32)[0]
 
 
 @pytest.mark.parametrize(
