@@ -13,7 +13,6 @@ Prints one JSON line: test HR@10 with each user's own history and with another u
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
@@ -30,20 +29,11 @@ from karma.metrics import compute_metrics, rank_with_mask
 from karma.model import build_model
 
 
-def view(decoder, start, end, norm):
-    v = copy.copy(decoder)
-    v._modules = dict(decoder._modules)
-    v.layers = decoder.layers[start:end]
-    if not norm:
-        v.norm = nn.Identity()
-    return v
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--top", type=int, default=4)
+    ap.add_argument("--freeze", type=int, default=26)  # frozen, cached lower layers
     ap.add_argument("--ids", type=int, default=0)
     ap.add_argument("--whiten", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -53,7 +43,9 @@ def main():
     ap.add_argument("--cache", default="")  # where the lower-layer states are kept
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = load_config("configs/ml100k.yaml", ["model.history_source=cache"])
+    cfg = load_config(
+        "configs/ml100k.yaml", ["model.history_source=cache", f"model.freeze_layers={args.freeze}"]
+    )
     data = load_prepared(cfg.data.prepared_dir)
     model = build_model(cfg)
     texts = list(data.items.texts)
@@ -72,10 +64,7 @@ def main():
     mu, sd = h.mean(0), h.std(0) + 1e-6
     hw = (h - mu) / sd if args.whiten else h
     print(f"catalog {time.time() - t0:.0f}s")
-    dec = model.base_lm.get_decoder()
-    L = len(dec.layers)
-    lf = L - args.top
-    lower, top = view(dec, 0, lf, False), view(dec, lf, L, True)
+    lf = args.freeze
     prefix = model.prompt.bos + model.prompt.history_first_ids
     P = len(prefix)
     with torch.no_grad():
@@ -100,10 +89,7 @@ def main():
                     emb[b, :P] = pre_emb
                     emb[b, P:n] = x_all[torch.tensor(seqs[i])]
                     mask[b, :n] = 1
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                out = lower(
-                    inputs_embeds=emb, attention_mask=mask, position_ids=pos
-                ).last_hidden_state
+                out = model.run_lower(emb, mask)
                 for b, i in enumerate(idx):
                     cache_states[i] = out[b, : P + len(seqs[i])].clone()
         if args.cache:
@@ -123,7 +109,9 @@ def main():
     log_tau = nn.Parameter(torch.tensor(np.log(0.05), dtype=torch.float32))
     for p in model.parameters():
         p.requires_grad_(False)
-    top_params = [p for p in top.parameters()]
+    decoder = model.base_lm.get_decoder()
+    top_params = [p for layer in decoder.layers[lf:] for p in layer.parameters()]
+    top_params += list(decoder.norm.parameters())
     for p in top_params:
         p.requires_grad_(True)
     heads = list(model.user_proj.parameters()) + list(model.item_proj.parameters()) + [log_tau]
@@ -169,9 +157,7 @@ def main():
                 else:
                     ide = ide * known[it][:, None]
                 emb[b, P : st.shape[0]] = emb[b, P : st.shape[0]] + ide
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        hid = top(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
-        return hid
+        return model.run_from_layer(emb, mask, lf)
 
     n_users = len(seqs)
     rng = np.random.default_rng(0)
