@@ -19,20 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from karma.checkpoint import load_model
 from karma.data import load_prepared
 from karma.inference import encode_catalog, encode_users
-from karma.metrics import compute_metrics, rank_with_mask
+from karma.metrics import compute_metrics, mean_pairwise_cosine, rank_with_mask
 from karma.report import device_name
-
-
-def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
-    """Mean cosine over all ordered pairs of distinct rows. vectors: (N, d)."""
-    unit = F.normalize(vectors.float(), dim=-1)
-    n = unit.shape[0]
-    return float(((unit @ unit.T).sum() - n) / (n * (n - 1)))
 
 
 def retrieval(model, catalog, histories, examples, texts) -> dict[str, float]:
@@ -67,7 +59,7 @@ def main() -> None:
         cosines = {
             "h_i (item tower output)": mean_pairwise_cosine(hidden),
             "x_i = P_h(h_i) (history soft token)": mean_pairwise_cosine(
-                model.history_proj(hidden)),
+                model.history_proj(model.condition(hidden))),
             "e_i (item embedding)": mean_pairwise_cosine(catalog.item_emb[: args.cosine_items]),
             "word embeddings (first 5,000 tokens)": mean_pairwise_cosine(word),
         }

@@ -51,6 +51,17 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def write_tensor_atomic(path: str | Path, obj: Any) -> Path:
+    """`torch.save(obj)` written atomically (a cache that a killed run must not leave torn)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return write_bytes_atomic(path, buf.getvalue())
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """`obj` as indented JSON plus a newline, written atomically."""
     return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")

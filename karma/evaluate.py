@@ -35,7 +35,7 @@ from karma.atomic import ensure_output_dir, write_json_atomic
 from karma.config import Config, config_to_dict
 from karma.errors import KarmaError
 from karma.index import build_index, search, torch_topk_search
-from karma.metrics import compute_metrics, rank_with_mask
+from karma.metrics import compute_metrics, mean_pairwise_cosine, rank_with_mask
 
 VAL_KS = (10,)  # what the training loop's validation reports
 TIE_BREAK = "pessimistic (target ranked after every item with an equal score)"
@@ -50,7 +50,7 @@ def validate(model: torch.nn.Module, data: Any, rows: np.ndarray, cfg: Config) -
     Items the user saw before the target are masked when eval.mask_history is set (the target
     itself never is), with karma.metrics' pessimistic tie rule.
     """
-    from karma.inference import encode_catalog, encode_users
+    from karma.inference import catalog_from_history_cache, encode_catalog, encode_users
 
     was_training = model.training
     model.eval()
@@ -60,7 +60,9 @@ def validate(model: torch.nn.Module, data: Any, rows: np.ndarray, cfg: Config) -
     queries = [valid.queries[i] for i in rows]
     targets = np.asarray(valid.targets)[rows].astype(np.int64)
     seen = [list(valid.seen[i]) for i in rows] if cfg.eval.mask_history else None
-    catalog = encode_catalog(model, item_texts, batch_size=cfg.eval.batch_size)
+    catalog = catalog_from_history_cache(model) or encode_catalog(
+        model, item_texts, batch_size=cfg.eval.batch_size
+    )
     user_emb = encode_users(
         model, histories, queries, catalog, item_texts, batch_size=cfg.eval.batch_size
     )  # (U, k)
@@ -367,9 +369,24 @@ def _encode(model: Any, data: Any, examples: Any, batch_size: int) -> tuple[Any,
 
     catalog = encode_catalog(model, data.items.texts, batch_size=batch_size)
     user_emb = encode_users(
-        model, examples.histories, examples.queries, catalog, data.items.texts, batch_size
+        model, examples.histories, examples.queries, catalog, data.items.texts, batch_size,
+        progress=True,
     )
     return catalog, np.asarray(torch.as_tensor(user_emb).float().cpu(), dtype=np.float32)
+
+
+@torch.no_grad()
+def catalog_geometry(model: Any, catalog: Any) -> dict[str, float]:
+    """Mean pairwise cosine of the item embeddings e_i and, for the continuous interface, of the
+    history tokens x_i = P_h(condition(h_i)) over the catalog: near 1.0 means the model cannot
+    tell items apart (the collapse the personalization work measures)."""
+    out = {"item_emb_cos": mean_pairwise_cosine(catalog.item_emb)}
+    if model.cfg.model.interface == "continuous":
+        hidden = catalog.item_hidden.to(model.device, model.special_embeds.dtype)
+        out["history_token_cos"] = mean_pairwise_cosine(
+            model.history_proj(model.condition(hidden)).cpu()
+        )
+    return out
 
 
 def evaluate_checkpoint(
@@ -403,10 +420,13 @@ def evaluate_checkpoint(
         from karma.inference import encode_users
 
         perm = other_histories(examples)
-        other = encode_users(
-            model, [examples.histories[j] for j in perm], examples.queries, catalog,
-            data.items.texts, cfg.eval.batch_size,
-        )
+        if any(examples.queries):
+            other = encode_users(
+                model, [examples.histories[j] for j in perm], examples.queries, catalog,
+                data.items.texts, cfg.eval.batch_size, progress=True,
+            )
+        else:  # without a query a prompt is its history alone: user j's embedding, unchanged
+            other = user_emb[perm]
         protocol["other_history"] = "seeded permutation of the users' histories (seed 0)"
     cold = cold_rows(data, examples, cfg.eval.cold_threshold)
     if cold is not None:
@@ -415,6 +435,7 @@ def evaluate_checkpoint(
         user_emb, np.asarray(catalog.item_emb), examples, cfg, protocol, cold=cold,
         other_user_emb=other,
     )
+    results["geometry"] = catalog_geometry(model, catalog)
     results["config"] = {"eval": config_to_dict(cfg)["eval"], "data": config_to_dict(cfg)["data"]}
     out = Path(out_dir) if out_dir is not None else checkpoint
     write_json_atomic(out / "metrics.json", results)

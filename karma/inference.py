@@ -13,15 +13,18 @@ Evaluation, analysis, the training loop's validation and serving all use this mo
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from karma.atomic import write_tensor_atomic
 from karma.batching import collate_user_prompts, history_id_map, pad_sequences
 from karma.distributed import gather_no_grad
 from karma.errors import KarmaError
@@ -71,6 +74,18 @@ def encode_catalog(
     seqs = [
         prompt.item(ids, image=feats is not None) for ids in prompt.encode_many(list(item_texts))
     ]
+    # A frozen item tower (model.train_item_tower=false: the pretrained LLM, adapters off) is a
+    # pure function of the backbone, the <ITEM> row and the item tokens: its states are kept on
+    # disk, so training, validation and evaluation of the same catalog run it once.
+    cache_path = None
+    if not model.cfg.model.train_item_tower and feats is None:
+        cache_path = _frozen_catalog_path(model, seqs)
+        if cache_path.exists():
+            item_hidden = torch.load(cache_path, weights_only=True)
+            ids = torch.arange(len(seqs), device=model.device)
+            item_emb = model.item_embedding(item_hidden.to(model.device), ids).float().cpu()
+            model.train(was_training)
+            return CatalogEncoding(item_emb=item_emb, item_hidden=item_hidden)
     # Batches of similar length waste little compute on padding.
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     item_emb = torch.zeros(len(seqs), model.cfg.model.emb_dim)
@@ -86,8 +101,42 @@ def encode_catalog(
         )
         item_emb[idx] = emb.float().cpu()
         item_hidden[idx] = hidden.float().cpu()
+    if cache_path is not None:
+        write_tensor_atomic(cache_path, item_hidden)
     model.train(was_training)
     return CatalogEncoding(item_emb=item_emb, item_hidden=item_hidden)
+
+
+def _frozen_catalog_path(model: KarmaModel, seqs: list[list[int]]) -> Path:
+    """$KARMA_HOME/catalog_cache/<key>.pt, the key hashing everything the frozen tower reads: the
+    item token sequences, the <ITEM>/<EMB> rows and a strided sample of every backbone weight."""
+    h = hashlib.sha256()
+    h.update(repr((model.cfg.model.backbone, model.hidden_size)).encode())
+    h.update(model.special_embeds.detach().float().cpu().numpy().tobytes())
+    for name, p in model.base_lm.named_parameters():
+        if "lora_" not in name:
+            h.update(p.detach().flatten()[::997].float().cpu().numpy().tobytes())
+    for seq in seqs:
+        h.update(np.asarray(seq, dtype=np.int64).tobytes())
+    from karma.backbones import karma_home
+
+    return karma_home() / "catalog_cache" / f"{h.hexdigest()[:24]}.pt"
+
+
+@torch.no_grad()
+def catalog_from_history_cache(model: KarmaModel) -> CatalogEncoding | None:
+    """The catalog encoding from `model.history_cache` when the item tower is frozen
+    (model.train_item_tower=false, no image token), else None.
+
+    The frozen tower's states are the cache itself, so the training loop's validation need
+    not run the item tower again (about a minute per validation for ML-100K on the CPU).
+    """
+    cache = model.history_cache
+    if model.cfg.model.train_item_tower or model.cfg.model.image_dim > 0 or cache.shape[0] == 0:
+        return None
+    ids = torch.arange(cache.shape[0], device=cache.device)
+    item_emb = model.item_embedding(cache, ids)
+    return CatalogEncoding(item_emb=item_emb.float().cpu(), item_hidden=cache.float().cpu())
 
 
 def build_user_inputs(
@@ -159,15 +208,18 @@ def encode_users(
     was_training = model.training
     model.eval()
     out = torch.zeros(len(histories), model.cfg.model.emb_dim)
-    starts = range(0, len(histories), batch_size)
+    # Batches of similar history length waste little compute on padding.
+    order = sorted(range(len(histories)), key=lambda i: len(histories[i]))
+    starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc="encode users", disable=not progress, leave=False):
+        rows = order[s : s + batch_size]
         inputs = build_user_inputs(
-            model, histories[s : s + batch_size], queries[s : s + batch_size], catalog, item_texts
+            model, [histories[i] for i in rows], [queries[i] for i in rows], catalog, item_texts
         )
         hidden = model.run_decoder(
             inputs["inputs_embeds"], inputs["attention_mask"], inputs["history_ids"]
         )
-        out[s : s + batch_size] = model.user_from_hidden(hidden, inputs["emb_positions"]).cpu()
+        out[rows] = model.user_from_hidden(hidden, inputs["emb_positions"]).cpu()
     model.train(was_training)
     return out
 

@@ -143,3 +143,16 @@ def rank_with_mask(
     """
     top_scores, top_ids = top_k_masked(torch.as_tensor(scores).float().clone(), k, seen, targets)
     return top_scores.numpy(), top_ids.numpy()
+
+
+def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
+    """Mean cosine over all ordered pairs of distinct rows of `vectors` (N, d): how much a set of
+    vectors (history tokens, item embeddings) has collapsed onto one direction (1.0 = all equal).
+    """
+    unit = torch.nn.functional.normalize(torch.as_tensor(vectors).float(), dim=-1)
+    n = unit.shape[0]
+    if n < 2:
+        raise ValueError("mean_pairwise_cosine needs at least 2 vectors")
+    total = unit.sum(0)  # sum_ij u_i.u_j = |sum_i u_i|^2, without the (N, N) matrix
+    return float((total @ total - n) / (n * (n - 1)))
+

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from karma.atomic import write_tensor_atomic
 from karma.batching import IGNORE_INDEX, pad_sequences
 from karma.config import Config, ConfigError, LossConfig
 from karma.errors import DataError
@@ -98,10 +99,7 @@ class UserSequences:
         states = torch.load(path, weights_only=True) if path.exists() else None
         if states is None:
             states = _lower_states(model, prefix, x_all, items, cfg.eval.batch_size, progress)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(states, tmp)
-            tmp.replace(path)
+            write_tensor_atomic(path, states)
         lambda_gen, lambda_rec, _ = loss_weights(cfg.loss)
         target_ids = [prompt.target(data.items.texts[s[-1]]) for s in items]
         return cls(items, states, len(prefix), lambda_gen > 0, target_ids)

@@ -17,6 +17,17 @@ def test_recipe_then_file_then_overrides(tmp_path):
     assert any(o.startswith("data.query_mode=") for o in GPU_RECIPE)
 
 
+def test_no_query_selects_the_sequence_recipe():
+    from karma.sequence import check_sequence_config
+
+    for cuda in (False, True):
+        cfg = demo_config(None, ["data.query_mode=none", "train.steps=9"], cuda=cuda)
+        assert cfg.train.objective == "sequence" and cfg.train.steps == 9  # overrides still win
+        check_sequence_config(cfg)  # a recipe the sequence objective accepts
+        assert cfg.train.device == ("cuda" if cuda else "cpu")
+    assert demo_config(None, [], cuda=False).train.objective == "prompt"
+
+
 def test_demo_on_tiny_model_writes_report(tmp_path):
     out = tmp_path / "demo"
     overrides = ["model.backbone=tiny-random", "model.emb_dim=32", "train.steps=3",
@@ -25,7 +36,7 @@ def test_demo_on_tiny_model_writes_report(tmp_path):
     run_demo(None, overrides, out_dir=str(out))
     report = (out / "report.md").read_text()
     for name in ("popularity", "action_only", "karma", "hr@10", "ndcg@10", "mrr@10", "tie_break",
-                 "query_mode", "Wall time"):
+                 "query_mode", "Wall time", "Personalization", "other history"):
         assert name in report
     assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     for preset in ("action_only", "karma"):

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from karma.metrics import MISS, compute_metrics, metrics_from_ranks, rank_with_mask, target_ranks
 
@@ -126,3 +127,13 @@ def test_bad_inputs() -> None:
         metrics_from_ranks(np.array([0]), [0])
     with pytest.raises(ValueError):
         target_ranks(np.zeros((3, 2)), np.zeros(2))
+
+
+def test_mean_pairwise_cosine_matches_the_pairwise_loop():
+    from karma.metrics import mean_pairwise_cosine
+
+    x = torch.randn(7, 5)
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    pairs = [float(unit[i] @ unit[j]) for i in range(7) for j in range(7) if i != j]
+    assert abs(mean_pairwise_cosine(x) - sum(pairs) / len(pairs)) < 1e-5
+    assert abs(mean_pairwise_cosine(torch.ones(4, 3)) - 1.0) < 1e-6

@@ -1,0 +1,223 @@
+"""Does the user tower read the history? Recipe ablation, demo and long recipes, SASRec (issue 10).
+
+    karma data prepare --config configs/ml100k.yaml                # once per dataset
+    PYTHONPATH=. python benchmarks/personalization.py --list       # the rows and their commands
+    PYTHONPATH=. python benchmarks/personalization.py --only 'ablation'   # a regex over row ids
+    PYTHONPATH=. python benchmarks/personalization.py --report     # the tables from finished rows
+
+Every row runs the same CLI a user would (`karma train` then `karma eval` on the last checkpoint,
+or `karma baseline`), keeps its output under runs/personalization/<row id>/ and its figures in
+row.json there, so an interrupted benchmark resumes at the first unfinished row. The report
+(`benchmarks/results/personalization_<device>.md` and `.json`) is rewritten from every finished
+row after each one.
+
+Rows:
+- ablation: ML-100K without a query, `action_only`, seed 0, the same budget per row (steps x
+  batch, same seed and data order: train.steps=ABLATION_STEPS, batch 16). The first row is the
+  recipe the demo used before this work (`karma.demo.CPU_RECIPE`, prompt objective); each other
+  row is one change from it or from the chosen recipe (`karma.demo.SEQUENCE_CPU_RECIPE`). For
+  the sequence objective a batch is 16 users, each a dense readout at every history position;
+  the wall-clock column says what each row cost.
+- demo: the recipes of `karma demo` at its budget, both presets, both query modes.
+- long: `configs/ml100k_long.yaml` / `configs/ml1m_long.yaml`, 3 seeds.
+- sasrec / popularity: the baselines on the same prepared splits, 3 seeds for SASRec.
+
+The columns: final action loss (training log), validation HR@10 / NDCG@10 (the loop's last
+validation, on 200 seeded validation users), test HR@10 / NDCG@10, test HR@10 when each user is scored
+with another user's history (seeded permutation, `eval.other_history`), cold-item HR@10 (test
+users whose target was a training target fewer than 5 times) and their number, the mean pairwise
+cosine of the history tokens and of the item embeddings over the catalog, wall seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from karma.demo import CPU_RECIPE, SEQUENCE_CPU_RECIPE
+
+ROOT = Path("runs/personalization")
+ABLATION_STEPS = 100
+SEEDS = (0, 1, 2)
+DATA = {
+    "ml-100k": ("configs/ml100k.yaml", "runs/data/ml-100k"),
+    "ml-1m": ("configs/ml1m.yaml", "runs/data/ml-1m"),
+}
+
+
+def _llm(row_id, recipe, preset, query_mode, dataset, seed, overrides, default=False, config=None):
+    return {
+        "id": row_id, "recipe": recipe, "preset": preset, "query_mode": query_mode,
+        "dataset": dataset, "seed": seed, "overrides": overrides, "default": default,
+        "config": config or DATA[dataset][0],
+    }
+
+
+def _prepared(dataset: str, query_mode: str, max_history: int) -> str:
+    return f"{DATA[dataset][1]}-{query_mode}-h{max_history}"
+
+
+def rows() -> list[dict]:
+    today = [o for o in CPU_RECIPE if not o.startswith("data.query_mode")]
+    today += ["data.query_mode=none", f"data.prepared_dir={_prepared('ml-100k', 'none', 10)}"]
+    chosen = [o for o in SEQUENCE_CPU_RECIPE if not o.startswith("data.prepared_dir")]
+    chosen += [f"data.prepared_dir={_prepared('ml-100k', 'none', 50)}"]
+    budget = [f"train.steps={ABLATION_STEPS}", "train.batch_size=16", "loss.preset=action_only",
+              f"train.eval_every={ABLATION_STEPS}", f"train.save_every={ABLATION_STEPS}",
+              "train.eval_users=200", "train.seed=0"]
+    ablation = [
+        ("today", today, []),
+        ("today+standardize", today, ["model.item_norm=standardize"]),
+        ("today+catalog_softmax", today, ["loss.catalog_softmax=true"]),
+        ("today+item_ids", today, ["model.item_ids=true", "model.id_dropout=0.1"]),
+        ("chosen", chosen, []),
+        ("chosen-item_ids", chosen, ["model.item_ids=false", "model.id_dropout=0.0"]),
+        ("chosen-standardize", chosen, ["model.item_norm=none"]),
+    ]
+    out = [
+        _llm(f"ablation/{name}", name, "action_only", "none", "ml-100k", 0,
+             base + extra + budget, default=name == "chosen")
+        for name, base, extra in ablation
+    ]
+    for query_mode in ("none", "genre"):
+        for preset in ("action_only", "karma"):
+            if query_mode == "none":
+                recipe = chosen
+            else:
+                recipe = [o for o in CPU_RECIPE if not o.startswith("data.query_mode")]
+                recipe += ["data.query_mode=genre",
+                           f"data.prepared_dir={_prepared('ml-100k', 'genre', 10)}"]
+            out.append(_llm(f"demo/{query_mode}/{preset}", "demo", preset, query_mode, "ml-100k",
+                            0, recipe + [f"loss.preset={preset}"]))
+    for dataset in ("ml-100k", "ml-1m"):
+        long_cfg = DATA[dataset][0].replace(".yaml", "_long.yaml")
+        for seed in SEEDS:
+            out.append(_llm(f"long/{dataset}/seed{seed}", "long", "karma", "none", dataset, seed,
+                            [f"train.seed={seed}"], config=long_cfg))
+        out.append({"id": f"popularity/{dataset}", "recipe": "baseline", "preset": "popularity",
+                    "query_mode": "none", "dataset": dataset, "seed": 0, "default": False,
+                    "config": DATA[dataset][0], "overrides": []})
+        for seed in SEEDS:
+            out.append({"id": f"sasrec/{dataset}/seed{seed}", "recipe": "baseline",
+                        "preset": "sasrec", "query_mode": "none", "dataset": dataset,
+                        "seed": seed, "default": False, "config": DATA[dataset][0],
+                        "overrides": [f"train.seed={seed}"]})
+    return out
+
+
+def commands(row: dict) -> list[list[str]]:
+    run = ROOT / row["id"]
+    karma = [sys.executable, "-m", "karma"]
+    if row["recipe"] == "baseline":
+        return [karma + ["baseline", row["preset"], "--config", row["config"], "--out", str(run),
+                         *row["overrides"]]]
+    train = karma + ["train", "--config", row["config"], *row["overrides"],
+                     f"train.output_dir={run}"]
+    evaluate = karma + ["eval", "--checkpoint", str(run / "checkpoints" / "last"),
+                        "--out", str(run / "eval")]
+    return [train, evaluate]
+
+
+def _last_val(log: Path) -> dict:
+    out = {}
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        if "act_loss" in rec:
+            out["final_act_loss"] = rec["act_loss"]
+        if "val/hr@10" in rec:
+            out["val_hr10"], out["val_ndcg10"] = rec["val/hr@10"], rec["val/ndcg@10"]
+    return out
+
+
+def collect(row: dict, wall: float) -> dict:
+    run = ROOT / row["id"]
+    metrics = run / "metrics.json" if row["recipe"] == "baseline" else run / "eval" / "metrics.json"
+    res = json.loads(metrics.read_text())
+    m = res["metrics"]
+    out = {k: v for k, v in row.items() if k != "overrides"}
+    out.update({
+        "test_hr10": m["masked"]["hr@10"], "test_ndcg10": m["masked"]["ndcg@10"],
+        "test_hr50": m["masked"].get("hr@50"),
+        "test_hr10_other_history": (m.get("other history") or {}).get("hr@10"),
+        "cold_hr10": (m.get("cold") or {}).get("hr@10"),
+        "cold_users": res["protocol"].get("cold_users"),
+        "history_token_cos": (res.get("geometry") or {}).get("history_token_cos"),
+        "item_emb_cos": (res.get("geometry") or {}).get("item_emb_cos"),
+        "wall_s": round(wall, 1), "commands": [" ".join(c[2:]) for c in commands(row)],
+    })
+    if row["recipe"] != "baseline":
+        out.update(_last_val(run / "log.jsonl"))
+    return out
+
+
+def run_row(row: dict) -> dict:
+    done = ROOT / row["id"] / "row.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    t0 = time.time()
+    for cmd in commands(row):
+        print("+", " ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    result = collect(row, time.time() - t0)
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _fmt(v, digits=4) -> str:
+    return "" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def write_report(results: list[dict], out: Path) -> None:
+    from karma.report import device_name
+
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    cols = ["id", "final_act_loss", "val_hr10", "val_ndcg10", "test_hr10", "test_ndcg10",
+            "test_hr10_other_history", "cold_hr10", "cold_users", "history_token_cos",
+            "item_emb_cos", "wall_s", "default"]
+    lines = ["# Personalization: does the user tower read the history?", "",
+             f"Machine: {device_name()}. Written by `benchmarks/personalization.py` from the rows "
+             "finished so far; each row's commands are in the JSON beside this file. Test = "
+             "full-catalog leave-one-out, seen items masked, pessimistic ties; 'other history' = "
+             "each test user scored with another user's history (seeded permutation).", "",
+             "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for r in results:
+        other = r.get("test_hr10_other_history")
+        row = [_fmt(r.get(c), 1 if c == "wall_s" else 4) for c in cols]
+        if other is not None and r["test_hr10"]:
+            row[cols.index("test_hr10_other_history")] += (
+                f" ({100 * (other / r['test_hr10'] - 1):+.0f}%)")
+        lines.append("| " + " | ".join(row) + " |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default=".", help="regex over row ids")
+    ap.add_argument("--list", action="store_true", help="print the rows and commands, run nothing")
+    ap.add_argument("--report", action="store_true", help="only rewrite the report")
+    ap.add_argument("--out", default="benchmarks/results/personalization_cpu")
+    args = ap.parse_args()
+    selected = [r for r in rows() if re.search(args.only, r["id"])]
+    if args.list:
+        for r in selected:
+            print(r["id"])
+            for c in commands(r):
+                print("   ", " ".join(c[2:]))
+        return
+    if not args.report:
+        for r in selected:
+            run_row(r)
+    finished = [json.loads((ROOT / r["id"] / "row.json").read_text()) for r in rows()
+                if (ROOT / r["id"] / "row.json").exists()]
+    write_report(finished, Path(args.out))
+    print(f"{len(finished)} rows in {args.out}.md")
+
+
+if __name__ == "__main__":
+    main()
