@@ -23,8 +23,8 @@ Rows:
 - sasrec / popularity: the baselines on the same prepared splits, 3 seeds for SASRec.
 
 The columns: final action loss (training log), validation HR@10 / NDCG@10 (the loop's last
-validation, on 200 seeded validation users), test HR@10 / NDCG@10, test HR@10 when each user is scored
-with another user's history (seeded permutation, `eval.other_history`), cold-item HR@10 (test
+validation, 200 seeded validation users), test HR@10 / NDCG@10, test HR@10 when each user is
+scored with another user's history (seeded permutation, `eval.other_history`), cold-item HR@10 (test
 users whose target was a training target fewer than 5 times) and their number, the mean pairwise
 cosine of the history tokens and of the item embeddings over the catalog, wall seconds.
 """
