@@ -23,7 +23,7 @@ train.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -308,6 +308,30 @@ class KarmaModel(nn.Module):
     def history_id_tokens(self, history_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) item index per position (-1 = none) -> (B, T, d) ID vectors to add."""
         return self._id_rows(self.history_id_emb, history_ids)
+
+    @contextmanager
+    def item_ids_injected(self, history_ids: torch.Tensor | None):
+        """While active, a plain call of the HF decoder adds the history tokens' ID embeddings
+        where `run_decoder` adds them (entering layer model.freeze_layers): for code that needs
+        the decoder's own outputs, e.g. attentions in karma.analysis. history_ids (B, T)."""
+        if history_ids is None or not self.cfg.model.item_ids:
+            yield
+            return
+        ids = self.history_id_tokens(history_ids)  # (B, T, d)
+
+        def add_ids(module, args, kwargs):
+            if args:
+                return (args[0] + ids.to(args[0].dtype), *args[1:]), kwargs
+            hidden = kwargs["hidden_states"]
+            kwargs["hidden_states"] = hidden + ids.to(hidden.dtype)
+            return args, kwargs
+
+        layer = self.base_lm.get_decoder().layers[self.cfg.model.freeze_layers]
+        handle = layer.register_forward_pre_hook(add_ids, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def item_embedding(
         self, item_hidden: torch.Tensor, item_ids: torch.Tensor | None = None

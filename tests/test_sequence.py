@@ -85,3 +85,32 @@ def test_sequence_objective_trains_and_its_readout_is_the_inference_path(tmp_pat
     full = encode_users(model, histories, [""] * 3, catalog, data.items.texts)
     # the cached lower layers + top layers equal the whole LLM on the same prompt
     assert torch.nn.functional.cosine_similarity(cached, full, dim=-1).min() > 0.999
+
+
+def test_the_plain_decoder_with_injected_ids_equals_run_decoder(tmp_path):
+    """karma.analysis calls the HF decoder itself (for its attentions): a hybrid model's item
+    IDs must reach it exactly where run_decoder adds them."""
+    from karma.inference import build_user_inputs, encode_catalog
+
+    torch.manual_seed(0)
+    model = build_model(_cfg(tmp_path, "model.freeze_layers=1")).eval()
+    texts = ["Toy Story", "Heat", "Casino", "Babe", "Jumanji"]
+    model.init_item_ids(5, torch.tensor([True] * 4 + [False]))
+    with torch.no_grad():
+        model.history_id_emb.normal_()
+        catalog = encode_catalog(model, texts, progress=False)
+        inputs = build_user_inputs(model, [[0, 1, 4], [2]], ["", ""], catalog)
+        expected = model.run_decoder(
+            inputs["inputs_embeds"], inputs["attention_mask"], inputs["history_ids"]
+        )
+        decoder = model.base_lm.get_decoder()
+        kwargs = dict(
+            inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"], use_cache=False,
+        )
+        with model.item_ids_injected(inputs["history_ids"]):
+            injected = decoder(**kwargs).last_hidden_state
+        plain = decoder(**kwargs).last_hidden_state  # the hook is gone again
+    mask = inputs["attention_mask"].bool()
+    torch.testing.assert_close(injected[mask], expected[mask], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain[mask], expected[mask], atol=1e-3)

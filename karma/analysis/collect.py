@@ -87,13 +87,15 @@ def collect_emb_attention(
         )
         attention_mask = inputs["attention_mask"].to(device)
         # The decoder alone (no LM head over the vocabulary), with the model's position ids.
-        out = model.base_lm.get_decoder()(
-            inputs_embeds=inputs["inputs_embeds"].to(device),
-            attention_mask=attention_mask,
-            position_ids=inputs["position_ids"].to(device),
-            output_attentions=True,
-            use_cache=False,
-        )
+        # A hybrid model's item IDs join the residual stream as in run_decoder.
+        with model.item_ids_injected(inputs["history_ids"]):
+            out = model.base_lm.get_decoder()(
+                inputs_embeds=inputs["inputs_embeds"].to(device),
+                attention_mask=attention_mask,
+                position_ids=inputs["position_ids"].to(device),
+                output_attentions=True,
+                use_cache=False,
+            )
         attn = A.to_lhbqk(out.attentions)  # (L, H, B, T, T)
         first_positions = inputs["first_positions"].to(device)
         history_positions = inputs["history_positions"].to(device)  # (B, n), -1 pad
