@@ -94,7 +94,7 @@ def rows() -> list[dict]:
                 recipe += ["data.query_mode=genre",
                            f"data.prepared_dir={_prepared('ml-100k', 'genre', 10)}"]
             out.append(_llm(f"demo/{query_mode}/{preset}", "demo", preset, query_mode, "ml-100k",
-                            0, recipe + [f"loss.preset={preset}"]))
+                            0, recipe + [f"loss.preset={preset}"], default=query_mode == "none"))
     for dataset in ("ml-100k", "ml-1m"):
         long_cfg = DATA[dataset][0].replace(".yaml", "_long.yaml")
         for seed in SEEDS:
@@ -213,8 +213,12 @@ def main() -> None:
     if not args.report:
         for r in selected:
             run_row(r)
-    finished = [json.loads((ROOT / r["id"] / "row.json").read_text()) for r in rows()
-                if (ROOT / r["id"] / "row.json").exists()]
+    finished = []
+    for r in rows():
+        if (ROOT / r["id"] / "row.json").exists():
+            result = json.loads((ROOT / r["id"] / "row.json").read_text())
+            result["default"] = r["default"]  # the current choice, not the one when it ran
+            finished.append(result)
     write_report(finished, Path(args.out))
     print(f"{len(finished)} rows in {args.out}.md")
 

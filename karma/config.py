@@ -101,6 +101,9 @@ class LossConfig:
     # the logQ correction instead (for catalogs too large to score whole)
     catalog_softmax: bool = False
     catalog_samples: int = 0
+    # train.objective=sequence: users per batch in the L_rec pass (0 = all). That pass runs the
+    # whole LLM with gradients, ~4x the cost of a step of the top layers for 16 users on the CPU
+    rec_users: int = 0
 
 
 @dataclass
@@ -320,6 +323,7 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("model.readout", lambda v: v in ("emb", "history"), "one of emb, history"),
     ("model.id_dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
     ("loss.catalog_samples", lambda v: v >= 0, ">= 0 (0 = the whole catalog)"),
+    ("loss.rec_users", lambda v: v >= 0, ">= 0 (0 = every user of the batch)"),
     ("train.objective", lambda v: v in ("prompt", "sequence"), "one of prompt, sequence"),
     ("train.sequence_max_len", lambda v: v >= 2, ">= 2"),
 ]

@@ -62,6 +62,7 @@ SEQUENCE_CPU_RECIPE = [
     "data.max_history=50",
     "train.objective=sequence",
     "train.sequence_max_len=50",
+    "loss.rec_users=4",
     "train.steps=400",
     "train.batch_size=16",
     "train.lr=5e-4",

@@ -74,7 +74,9 @@ class UserSequences:
     items: list[list[int]]  # per user, oldest first, n >= 2
     states: list[torch.Tensor]  # per user (P + n - 1, d) bf16 on CPU
     prefix_len: int  # P: tokens before the first history token
-    generate: bool  # L_gen on: " Next: {x_n text}<eos>" is appended to each user's states
+    # L_gen on: per user, the lower states of " Next: {x_n text}<eos>" (positions continuing the
+    # sequence), appended to the user's states; None when the preset has no L_gen
+    suffix_states: list[torch.Tensor] | None
     target_ids: list[list[int]]  # per user, tokens of x_n's text + eos (L_gen / L_rec)
 
     def __len__(self) -> int:
@@ -102,7 +104,19 @@ class UserSequences:
             write_tensor_atomic(path, states)
         lambda_gen, lambda_rec, _ = loss_weights(cfg.loss)
         target_ids = [prompt.target(data.items.texts[s[-1]]) for s in items]
-        return cls(items, states, len(prefix), lambda_gen > 0, target_ids)
+        suffixes = None
+        if lambda_gen > 0:  # " Next: {x_n text}<eos>" is as fixed as the history: cached too
+            h = hashlib.sha256(key.encode())
+            for t in target_ids:
+                h.update(np.asarray(prompt.next_ids + list(t), dtype=np.int64).tobytes())
+            suffix_path = _cache_dir() / f"{h.hexdigest()[:24]}-next.pt"
+            if suffix_path.exists():
+                suffixes = torch.load(suffix_path, weights_only=True)
+            else:
+                starts = [st.shape[0] for st in states]
+                suffixes = _suffix_states(model, target_ids, starts, cfg.eval.batch_size)
+                write_tensor_atomic(suffix_path, suffixes)
+        return cls(items, states, len(prefix), suffixes, target_ids)
 
     def item_frequency(self, n_items: int) -> torch.Tensor:
         """How often each item is a readout target: the proposal of sampled catalog softmax."""
@@ -122,11 +136,10 @@ class UserSequences:
         rows = [int(r) for r in rows]
         device = model.device
         d = self.states[rows[0]].shape[1]
-        gen = self.generate
-        suffixes = [self._gen_suffix(model, r) for r in rows] if gen else None
+        gen = self.suffix_states is not None
         lengths = [
-            self.states[r].shape[0] + (suffixes[b][0].shape[0] if gen else 0)
-            for b, r in enumerate(rows)
+            self.states[r].shape[0] + (self.suffix_states[r].shape[0] if gen else 0)
+            for r in rows
         ]
         width = max(lengths)
         states = torch.zeros(len(rows), width, d)
@@ -146,9 +159,9 @@ class UserSequences:
             r_targets += seq[1:]
             last_cols.append(P + n_in - 1)
             if gen:
-                suffix, suffix_labels = suffixes[b]
-                states[b, st.shape[0] : lengths[b]] = suffix
-                labels[b, st.shape[0] : lengths[b]] = suffix_labels
+                states[b, st.shape[0] : lengths[b]] = self.suffix_states[r].float()
+                next_len = lengths[b] - st.shape[0] - len(self.target_ids[r])
+                labels[b, st.shape[0] + next_len : lengths[b]] = torch.tensor(self.target_ids[r])
         batch = {
             "states": states,
             "attention_mask": mask,
@@ -165,18 +178,6 @@ class UserSequences:
         out["rec_targets"] = [self.target_ids[r] for r in rows]
         return out
 
-    @torch.no_grad()
-    def _gen_suffix(self, model: KarmaModel, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Lower states of " Next: {x_n text}<eos>" on their own, placed after the history
-        (positions continue the sequence), and their labels (the text tokens)."""
-        prompt = model.prompt
-        target = self.target_ids[row]
-        ids = torch.tensor([prompt.next_ids + target], device=model.device)
-        start = self.states[row].shape[0]
-        position_ids = torch.arange(start, start + ids.shape[1], device=model.device)[None]
-        lower = model.run_lower(model.embed_tokens(ids), torch.ones_like(ids), position_ids)
-        labels = [IGNORE_INDEX] * len(prompt.next_ids) + list(target)
-        return lower[0].float().cpu(), torch.tensor(labels)
 
 
 class SequenceObjective(nn.Module):
@@ -187,6 +188,7 @@ class SequenceObjective(nn.Module):
     def __init__(self, model: KarmaModel, cfg: LossConfig, proposal: torch.Tensor | None = None):
         super().__init__()
         self.lambda_gen, self.lambda_rec, self.lambda_img = loss_weights(cfg)
+        self.rec_users = cfg.rec_users
         if self.lambda_img > 0:
             raise ConfigError("train.objective=sequence does not train L_img (images) yet")
         self.model = model
@@ -231,8 +233,11 @@ class SequenceObjective(nn.Module):
             out["gen_loss"] = self.token_loss(hidden, batch["user_labels"], lm_head)
         out["rec_loss"] = zero
         if self.lambda_rec > 0:
-            user_emb = model.user_from_hidden(hidden, batch["last_cols"])  # (B, k)
-            out["rec_loss"] = self._rec_loss(user_emb, batch["rec_targets"])
+            # The reconstruction pass runs the whole LLM (gradients reach u through every
+            # layer): on the first rec_users users of the batch only (batches are random).
+            k = self.rec_users or len(batch["rec_targets"])
+            user_emb = model.user_from_hidden(hidden[:k], batch["last_cols"][:k])  # (k, d_emb)
+            out["rec_loss"] = self._rec_loss(user_emb, batch["rec_targets"][:k])
         out["loss"] = (
             out["act_loss"] + self.lambda_gen * out["gen_loss"] + self.lambda_rec * out["rec_loss"]
         )
@@ -278,6 +283,27 @@ def _lower_states(
         for b, i in enumerate(idx):
             out[i] = lower[b, : lengths[b]].to(torch.bfloat16).cpu()
     return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def _suffix_states(
+    model: KarmaModel, target_ids: list[list[int]], starts: list[int], batch_size: int
+) -> list[torch.Tensor]:
+    """Lower states of " Next: {x_n text}<eos>" per user on their own (they meet the history only
+    in the trainable top layers), positions continuing at starts[u]; right-padded batches, so
+    each row's real tokens are exact. -> per user (len(next) + len(target), d) bf16."""
+    next_ids = model.prompt.next_ids
+    seqs = [next_ids + list(t) for t in target_ids]
+    out: list[torch.Tensor] = []
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s : s + batch_size]
+        ids, mask, _ = pad_sequences(chunk, model.prompt.pad_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        offsets = torch.tensor(starts[s : s + batch_size], device=model.device)[:, None]
+        position_ids = offsets + torch.arange(ids.shape[1], device=model.device)[None]
+        lower = model.run_lower(model.embed_tokens(ids), mask, position_ids)
+        out += [lower[b, : len(seq)].to(torch.bfloat16).cpu() for b, seq in enumerate(chunk)]
+    return out
 
 
 def _cache_key(cfg: Config, prefix: list[int], x_all: torch.Tensor, items: list[list[int]]) -> str:
