@@ -309,6 +309,9 @@ class BatchBuilder:
             [self._check_item(int(i), "history", r) for i in examples.histories[r]] for r in rows
         ]
         queries = [examples.queries[r] if examples.queries is not None else "" for r in rows]
+        if cfg.train.query_dropout > 0:  # no draw at 0: the default batches stay as they were
+            drop = torch.rand(len(rows), generator=gen) < cfg.train.query_dropout
+            queries = ["" if d else q for q, d in zip(queries, drop.tolist())]
 
         # Candidate pool: targets, then hard negatives, then sampled negatives (unique, ordered).
         pool: dict[int, int] = {}

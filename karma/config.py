@@ -113,6 +113,9 @@ class TrainConfig:
     # of a user's training sequence is a readout (dense next-item supervision); the frozen lower
     # model.freeze_layers layers run once per user sequence and are cached (needs no query)
     objective: str = "prompt"
+    # Prompt objective: a training example's query is dropped with this probability, so one
+    # checkpoint serves search (query) and recommendation (none) and must read the history
+    query_dropout: float = 0.0
     sequence_max_len: int = 200  # most recent training items per user sequence (objective=sequence)
     steps: int = 1000
     batch_size: int = 32
@@ -326,6 +329,7 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("loss.rec_users", lambda v: v >= 0, ">= 0 (0 = every user of the batch)"),
     ("train.objective", lambda v: v in ("prompt", "sequence"), "one of prompt, sequence"),
     ("train.sequence_max_len", lambda v: v >= 2, ">= 2"),
+    ("train.query_dropout", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
 ]
 
 

@@ -174,3 +174,22 @@ def test_image_features_required_and_batched(tokenizer):
     assert torch.equal(batch["item_image_features"], torch.tensor(feats)[batch["item_ids"]])
     prompt = PromptFormat(tokenizer, cfg.model)
     assert ((batch["item_input_ids"] == prompt.img_id).sum(1) == 1).all()
+
+
+def test_query_dropout_blanks_queries_in_training_batches_only_when_asked(tokenizer):
+    no_query = Examples(EXAMPLES.histories, EXAMPLES.targets, [""] * 4, EXAMPLES.impressions)
+    cfg = _cfg()
+    with_queries = BatchBuilder(tokenizer, ITEMS, cfg, seed=3)(EXAMPLES, [0, 1, 2, 3])
+    blanked = BatchBuilder(tokenizer, ITEMS, cfg, seed=3)(no_query, [0, 1, 2, 3])
+    cfg.train.query_dropout = 1.0
+    dropped = BatchBuilder(tokenizer, ITEMS, cfg, seed=3)(EXAMPLES, [0, 1, 2, 3])
+    assert torch.equal(dropped["user_input_ids"], blanked["user_input_ids"])
+    assert not torch.equal(with_queries["user_input_ids"], blanked["user_input_ids"])
+    cfg.train.query_dropout = 0.5
+    rows = list(range(4)) * 50
+    many = Examples(EXAMPLES.histories * 50, np.tile(EXAMPLES.targets, 50),
+                    ["comedy"] * 200, EXAMPLES.impressions * 50)
+    half = BatchBuilder(tokenizer, ITEMS, cfg, seed=3)(many, rows)
+    query_token = PromptFormat(tokenizer, cfg.model).query_ids[0]
+    kept = (half["user_input_ids"] == query_token).any(-1).float().mean()
+    assert 0.35 < float(kept) < 0.65
