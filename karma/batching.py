@@ -10,7 +10,12 @@ prompts of a batch for both:
     rec:   <REC> x m {target text}<eos>
 
 `<HIST>`, `<IMG>` and `<REC>` are placeholders whose input embeddings the model replaces by
-P_h(h_i), the image projection and R(u). "Query:" is left out when the query is "".
+P_h(h_i), the image projection and R(u). "Query:" is left out when the query is "". With
+model.prompt_layout=history_first the query follows the history instead:
+
+    user:  <bos> History: <HIST> ... <HIST> Query: {query} <EMB> [ Next: ...]
+
+so the key/values of a user's history serve every new query (karma/fast_user.py).
 
     builder = BatchBuilder(model.tokenizer, prepared.items, cfg, seed=cfg.train.seed + rank)
     batch = builder(prepared.split("train"), indices)   # dict[str, Tensor] for KarmaObjective
@@ -92,6 +97,7 @@ class PromptFormat:
         self.query_ids = self.encode("Query:")
         self.history_ids = self.encode(" History:")
         self.history_first_ids = self.encode("History:")
+        self.suffix_query_ids = self.encode(" Query:")
         self.sep_ids = self.encode(";")
         self.next_ids = self.encode(" Next:")
 
@@ -128,9 +134,9 @@ class PromptFormat:
         position is its last <HIST>.
         """
         ids = list(self.bos)
-        if query:
-            ids += self.query_ids + self.encode(" " + query)[: self.cfg.max_query_tokens]
-            ids += self.history_ids
+        query_ids = self.encode(" " + query)[: self.cfg.max_query_tokens] if query else []
+        if query and self.cfg.prompt_layout == "query_first":
+            ids += self.query_ids + query_ids + self.history_ids
         else:
             ids += self.history_first_ids
         positions: list[int] = []
@@ -143,6 +149,8 @@ class PromptFormat:
                 positions.append(len(ids) - 1)
                 if j < len(history_texts) - 1:
                     ids += self.sep_ids
+        if query and self.cfg.prompt_layout == "history_first":
+            ids += self.suffix_query_ids + query_ids
         if self.cfg.readout == "history" and not query and positions and history_texts is None:
             # u is read at the last history token (model.readout=history): exactly what each
             # position of a user sequence is trained to predict under train.objective=sequence

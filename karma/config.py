@@ -76,6 +76,11 @@ class ModelConfig:
     # Where u is read: emb (the <EMB> token) | history (a query-less prompt ends at its last
     # history token and u is read there, as every position is read in train.objective=sequence)
     readout: str = "emb"
+    # Order of the user prompt: query_first (`<bos> Query: q History: h.. <EMB>`, what every
+    # checkpoint before this key was trained on) | history_first (`<bos> History: h.. Query: q
+    # <EMB>`): a served user's history key/values then stay valid for every new query, so a new
+    # query runs only its own tokens (karma/fast_user.py); query-less prompts are the same
+    prompt_layout: str = "query_first"
     # false: the item tower runs with the LoRA adapters off, i.e. the pretrained LLM, so catalog
     # states never drift from the ones the user tower was trained on (needs model.lora)
     train_item_tower: bool = True
@@ -324,6 +329,8 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("model.item_norm", lambda v: v in ("none", "center", "standardize"),
      "one of none, center, standardize"),
     ("model.readout", lambda v: v in ("emb", "history"), "one of emb, history"),
+    ("model.prompt_layout", lambda v: v in ("query_first", "history_first"),
+     "one of query_first, history_first"),
     ("model.id_dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
     ("loss.catalog_samples", lambda v: v >= 0, ">= 0 (0 = the whole catalog)"),
     ("loss.rec_users", lambda v: v >= 0, ">= 0 (0 = every user of the batch)"),

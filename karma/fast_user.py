@@ -11,11 +11,15 @@ position L have the same key/values up to L (causal attention, positions countin
 so the key/values of a prefix computed once can be reused and only the rest is run. Two caches:
 
 - shared: the text before the first history item (`<bos> Query: q History:` in the query-first
-  layout, `<bos> History:` once the history comes first), one small LRU for all users;
+  layout, `<bos> History:` in model.prompt_layout=history_first), one small LRU for all users;
 - per user: every key/value before `<EMB>`, keyed by user id (or by the history itself for
   anonymous requests). A new request of the same user reuses the longest common prefix: with
   the history before the query a new query runs only its own tokens, and a new click runs only
   the new item onwards; in the query-first layout the query-less case runs `<EMB>` alone.
+
+With LoRA the prompts run through a copy of the backbone with the adapters merged; with
+model.item_ids the ID embeddings of the new history tokens join the residual stream at layer
+model.freeze_layers, as in `KarmaModel.run_decoder`.
 
 Nothing here hard-codes a layout: segments come from the ids `PromptFormat` produces, so the
 parity test (tests/test_fast_user.py) holds whatever layout it uses. Requests are batched with
@@ -27,15 +31,15 @@ inference API (karma/inference.py) re-points a handful of functions.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from karma.batching import IGNORE_INDEX, PromptFormat
 
 # ---- adapter: every call into KarmaModel lives here -------------------------------------------
 
@@ -77,7 +81,36 @@ def _input_embeds(
 
 
 def _decoder(model: Any) -> torch.nn.Module:
+    """The decoder the user prompts run through. With LoRA, a copy of the backbone with the
+    adapters merged into its weights (peft's merge_and_unload): the adapters' extra matmuls per
+    layer are gone, and the model keeps its own adapters (the item tower of
+    model.train_item_tower=false runs with them switched off)."""
+    if hasattr(model.backbone, "merge_and_unload"):
+        return copy.deepcopy(model.backbone).merge_and_unload().get_decoder()
     return model.base_lm.get_decoder()
+
+
+@contextmanager
+def _item_ids_added(model: Any, decoder: torch.nn.Module, history_ids: torch.Tensor | None):
+    """Within the block, the decoder adds the ID embeddings of a hybrid model (model.item_ids)
+    of history_ids (B, N) (item index per token, -1 elsewhere) to the residual stream entering
+    layer model.freeze_layers, where `KarmaModel.run_decoder` adds them."""
+    if history_ids is None or not model.cfg.model.item_ids:
+        yield
+        return
+    cut = model.cfg.model.freeze_layers
+    # all layers frozen: run_decoder adds them after the last layer, before the final norm
+    target = decoder.layers[cut] if cut < len(decoder.layers) else decoder.norm
+    extra = model.history_id_tokens(history_ids)
+
+    def add(_module: torch.nn.Module, args: tuple) -> tuple:
+        return (args[0] + extra.to(args[0].dtype), *args[1:])
+
+    handle = target.register_forward_pre_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _user_from_last(model: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -88,30 +121,6 @@ def _user_from_last(model: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 def _item_hidden(catalog: Any) -> torch.Tensor:
     return catalog.item_hidden
-
-
-class HistoryFirstPrompt(PromptFormat):
-    """`<bos> History: <HIST>.. Query: q <EMB>`: the layout that puts the history first, so a
-    user's history key/values serve every new query. Used by the parity tests and
-    benchmarks/serve_latency.py to measure that case until `PromptFormat.user` adopts it."""
-
-    def user(
-        self,
-        query: str,
-        n_history: int = 0,
-        history_texts: Sequence[str] | None = None,
-        target_ids: Sequence[int] | None = None,
-    ) -> tuple[list[int], list[int], int, list[int]]:
-        if history_texts is not None or target_ids is not None:
-            raise ValueError("HistoryFirstPrompt covers the continuous interface at inference")
-        ids = list(self.bos) + self.history_first_ids
-        positions = list(range(len(ids), len(ids) + n_history))
-        ids += [self.hist_id] * n_history
-        if query:
-            ids += self.encode(" Query:") + self.encode(" " + query)[: self.cfg.max_query_tokens]
-        emb_position = len(ids)
-        ids.append(self.emb_id)
-        return ids, positions, emb_position, [IGNORE_INDEX] * len(ids)
 
 
 # ---- key/value caches ------------------------------------------------------------------------
@@ -295,11 +304,13 @@ class FastUserEncoder:
         B = len(reqs)
         P = max(r.reuse for r in reqs)
         N = max(len(r.ids) - r.reuse for r in reqs)
-        embeds, mask_rows, positions = [], [], []
+        embeds, mask_rows, positions, item_rows = [], [], [], []
         for r in reqs:
             new_ids = torch.tensor([r.ids[r.reuse :]], dtype=torch.long)
-            n_hist_before = sum(1 for c in r.content[: r.reuse] if isinstance(c, tuple))
-            new_items = r.history[n_hist_before:] if self.hist_id is not None else []
+            # the content key of a <HIST> position is ("item", item index)
+            new_content = r.content[r.reuse :]
+            new_items = [c[1] for c in new_content if isinstance(c, tuple)]
+            item_rows.append([c[1] if isinstance(c, tuple) else -1 for c in new_content])
             hidden_rows = None
             if new_items:
                 hidden_rows = _item_hidden(self.catalog)[torch.tensor(new_items)].to(device)
@@ -308,18 +319,23 @@ class FastUserEncoder:
             embeds.append(torch.nn.functional.pad(emb, (0, 0, 0, N - n)))
             mask_rows.append([0] * (P - r.reuse) + [1] * (r.reuse + n) + [0] * (N - n))
             positions.append(list(range(r.reuse, r.reuse + N)))
+            item_rows[-1] += [-1] * (N - n)
         inputs_embeds = torch.stack(embeds)  # (B, N, d)
         attention_mask = torch.tensor(mask_rows, dtype=torch.long, device=device)
         position_ids = torch.tensor(positions, dtype=torch.long, device=device)
         cache = self._past_cache(reqs, P, inputs_embeds.dtype, device) if P > 0 else None
         kwargs = {self.cache_kw: cache} if cache is not None else {}
-        out = self.decoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **kwargs,
-        )
+        history_ids = None
+        if self.hist_id is not None:
+            history_ids = torch.tensor(item_rows, dtype=torch.long, device=device)
+        with _item_ids_added(model, self.decoder, history_ids):
+            out = self.decoder(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **kwargs,
+            )
         cache = cache if cache is not None else getattr(out, self.cache_kw)
         last = torch.tensor([len(r.ids) - r.reuse - 1 for r in reqs], device=device)
         hidden = out.last_hidden_state[torch.arange(B, device=device), last]  # (B, d)

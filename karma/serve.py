@@ -67,11 +67,6 @@ def encode_catalog(model: Any, item_texts: list[str], batch_size: int) -> Any:
             "serving a model with an image token (model.image_dim > 0) needs the catalog's image "
             "features, which karma serve cannot load yet"
         )
-    if model.cfg.model.item_ids:
-        raise KarmaError(
-            "serving a hybrid model (model.item_ids=true) needs the item-ID path in "
-            "karma/fast_user.py, which is not written yet"
-        )
     from karma.inference import encode_catalog as encode
 
     return encode(model, item_texts, batch_size=batch_size, progress=True)

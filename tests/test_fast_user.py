@@ -6,22 +6,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from karma.fast_user import FastUserEncoder, HistoryFirstPrompt, plain_user_embeddings
+from karma.fast_user import FastUserEncoder, plain_user_embeddings
 from karma.inference import encode_catalog
 
 
-def build(interface: str = "continuous", history_first: bool = False):
+def build(interface: str = "continuous", layout: str = "query_first", *overrides: str,
+          prepare=None):
+    """(model, catalog, texts); `prepare(model)` runs before the catalog is encoded."""
     from karma.config import load_config
     from karma.model import build_model
 
     cfg = load_config(None, [
         "model.backbone=tiny-random", "model.emb_dim=16", f"model.interface={interface}",
+        f"model.prompt_layout={layout}", *overrides,
     ])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    if history_first:
-        model.prompt = HistoryFirstPrompt(model.tokenizer, cfg.model)
     texts = [f"Movie {i} | Comedy" for i in range(30)]
+    if prepare is not None:
+        prepare(model)
     catalog = encode_catalog(model, texts, progress=False)
     return model, catalog, texts
 
@@ -45,11 +48,12 @@ def assert_parity(model, catalog, texts, enc, histories, queries, keys) -> None:
 
 
 @pytest.mark.parametrize(
-    ("interface", "history_first"),
-    [("continuous", False), ("continuous", True), ("text", False)],
+    ("interface", "layout"),
+    [("continuous", "query_first"), ("continuous", "history_first"), ("text", "query_first"),
+     ("text", "history_first")],
 )
-def test_fast_matches_plain_one_user_sequence(interface: str, history_first: bool) -> None:
-    model, catalog, texts = build(interface, history_first)
+def test_fast_matches_plain_one_user_sequence(interface: str, layout: str) -> None:
+    model, catalog, texts = build(interface, layout)
     enc = FastUserEncoder(model, catalog, texts)
     run = []
     for history, query in CASES:
@@ -61,7 +65,7 @@ def test_fast_matches_plain_one_user_sequence(interface: str, history_first: boo
 
 
 def test_new_query_runs_only_its_tokens_when_history_comes_first() -> None:
-    model, catalog, texts = build(history_first=True)
+    model, catalog, texts = build(layout="history_first")
     enc = FastUserEncoder(model, catalog, texts)
     enc.encode([[1, 2, 3, 4]], ["comedy"], ["u"])
     before = dict(enc.stats)
@@ -74,9 +78,9 @@ def test_new_query_runs_only_its_tokens_when_history_comes_first() -> None:
     assert enc.stats["tokens_run"] - before["tokens_run"] == 1 + query_tokens + 1
 
 
-@pytest.mark.parametrize("history_first", [False, True])
-def test_batched_mixed_prefixes_match_plain(history_first: bool) -> None:
-    model, catalog, texts = build(history_first=history_first)
+@pytest.mark.parametrize("layout", ["query_first", "history_first"])
+def test_batched_mixed_prefixes_match_plain(layout: str) -> None:
+    model, catalog, texts = build(layout=layout)
     enc = FastUserEncoder(model, catalog, texts)
     enc.encode([[1, 2, 3]], ["comedy"], ["a"])  # warm one user's cache
     histories = [[1, 2, 3], [4], [], [5, 6, 7, 8, 9, 10], [1, 2, 3, 4]]
@@ -84,6 +88,53 @@ def test_batched_mixed_prefixes_match_plain(history_first: bool) -> None:
     assert_parity(model, catalog, texts, enc, histories, queries, ["a", "b", None, None, "a"])
     # a second round hits every cache, in one batch
     assert_parity(model, catalog, texts, enc, histories, queries, ["a", "b", None, None, "a"])
+
+
+def randomize(params) -> None:
+    """Trained-looking values for weights that start at zero (LoRA B, ID embeddings), so that
+    leaving them out of the fast path would change u."""
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0.0, 0.5)
+
+
+@pytest.mark.parametrize("freeze_layers", [0, 1])
+def test_lora_is_merged_and_matches_plain(freeze_layers: int) -> None:
+    def lora_trained(model) -> None:
+        randomize(p for n, p in model.named_parameters() if "lora_B" in n)
+
+    model, catalog, texts = build(
+        "continuous", "history_first", "model.lora=true", f"model.freeze_layers={freeze_layers}",
+        prepare=lora_trained,
+    )
+    enc = FastUserEncoder(model, catalog, texts)
+    assert not any("lora" in n for n, _ in enc.decoder.named_parameters())  # merged copy
+    assert any("lora" in n for n, _ in model.named_parameters())  # the model keeps its adapters
+    for history, query in CASES:
+        assert_parity(model, catalog, texts, enc, [history], [query], ["u1"])
+
+
+@pytest.mark.parametrize("freeze_layers", [0, 1])
+def test_item_ids_join_the_fast_path(freeze_layers: int) -> None:
+    def ids_trained(model) -> None:
+        known = torch.ones(30, dtype=torch.bool)
+        known[7] = False  # an item never seen in training falls back to its text
+        model.init_item_ids(30, known)
+        randomize([model.history_id_emb, model.item_id_emb])
+
+    model, catalog, texts = build(
+        "continuous", "history_first", "model.item_ids=true",
+        f"model.freeze_layers={freeze_layers}", prepare=ids_trained,
+    )
+    enc = FastUserEncoder(model, catalog, texts)
+    for history, query in CASES:
+            assert_parity(model, catalog, texts, enc, [history], [query], ["u1"])
+    # the IDs matter: without them u moves
+    model.cfg.model.item_ids = False
+    without = plain_user_embeddings(model, [[3, 5, 11]], ["drama"], catalog, texts)
+    model.cfg.model.item_ids = True
+    with_ids = plain_user_embeddings(model, [[3, 5, 11]], ["drama"], catalog, texts)
+    assert F.cosine_similarity(without, with_ids).item() < 0.99
 
 
 def test_user_cache_is_bounded() -> None:
