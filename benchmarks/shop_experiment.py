@@ -275,6 +275,9 @@ def main() -> None:
         f"karma.baselines defaults. Oracle: the simulator's utility ranking without noise "
         f"(oracle.parquet), masked the same way.",
         "",
+        f"Methods run: {', '.join(results)}; not run: "
+        f"{', '.join(m for m in METHODS if m not in results) or 'none'}.",
+        "",
         f"Test users per slice: {slice_users} (cold: target a training target < "
         f"{cfg.eval.cold_threshold} times; colour missing: the target's title leaves its colour "
         f"out, so only the picture shows it).",
