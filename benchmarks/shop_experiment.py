@@ -258,9 +258,11 @@ def main() -> None:
         "",
         f"Machine: {machine}. Wall times are upper bounds (the CPU is shared).",
         "",
-        f"Command: `{env} OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/shop_experiment.py "
-        f"--items {args.items} --users {args.users} --seeds {' '.join(map(str, args.seeds))} "
-        f"--steps {args.steps}`",
+        f"Command: `{env} .venv/bin/python benchmarks/shop_experiment.py "
+        f"{' '.join(args.overrides)} --items {args.items} --users {args.users} --seeds "
+        f"{' '.join(map(str, args.seeds))} --steps {args.steps} --methods "
+        f"{' '.join(args.methods)}` (stages whose outputs already existed under --out were "
+        "reused and show about 0 s)",
         "",
         f"Shop: `karma shop --items {args.items} --users {args.users} --seed 0` (Fashion-MNIST "
         f"pictures; SIMULATED users, queries and clicks), prepared with configs/shop.yaml and the "
