@@ -16,6 +16,7 @@ with the rows dropped while validating.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,25 @@ class PreparedData:
         if name not in self._splits:
             self._splits[name] = _read_examples(self.dir / f"{name}.parquet")
         return self._splits[name]
+
+    def model_image_features(self, image_dim: int) -> np.ndarray | None:
+        """What a model with `model.image_dim = image_dim` reads for this catalog: None without
+        an image token (0), else the stored features, whose width must be image_dim. Every
+        consumer of a trained model (train, eval, export, analyze, serve) goes through this."""
+        if image_dim <= 0:
+            return None
+        features = load_image_features(self.dir)
+        if features is None:
+            raise DataError(
+                f"{self.dir}: the model reads an image token (model.image_dim={image_dim}) but "
+                f"this prepared dataset has no {IMAGE_FEATURES_FILE} (its items have no images)"
+            )
+        if features.shape[1] != image_dim:
+            raise DataError(
+                f"{self.dir / IMAGE_FEATURES_FILE}: {features.shape[1]}-d features but the model "
+                f"was built for model.image_dim={image_dim}"
+            )
+        return features
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +410,27 @@ def load_image_features(dir: str | Path) -> np.ndarray | None:
     return features
 
 
+def resolve_image_dim(cfg: Config, data: PreparedData) -> Config:
+    """The config a new model is built from: `model.image_dim` left at 0 under
+    loss.preset=karma_mm becomes the width of the dataset's image features, so `karma train
+    loss.preset=karma_mm` needs no second key (and the checkpoint's config records the width).
+    Other presets keep 0 (text only) unless model.image_dim is set, so `karma` and `karma_mm`
+    differ only by the images."""
+    if cfg.loss.preset != "karma_mm" or cfg.model.image_dim > 0:
+        return cfg
+    features = load_image_features(data.dir)
+    if features is None:
+        raise ConfigError(
+            f"loss.preset=karma_mm reads item images, but the prepared dataset {data.dir} has "
+            f"none (no {IMAGE_FEATURES_FILE}: the items table has no image column, or "
+            "data.images=off); prepare a dataset with images (e.g. `karma shop`) or pick "
+            "another preset"
+        )
+    cfg = copy.deepcopy(cfg)
+    cfg.model.image_dim = int(features.shape[1])
+    return cfg
+
+
 def format_stats(dir: str | Path) -> str:
     """The stats of a prepared dataset as a human-readable table."""
     stats = read_stats(dir)
@@ -433,4 +474,5 @@ __all__ = [
     "load_source",
     "prepare_dataset",
     "read_stats",
+    "resolve_image_dim",
 ]

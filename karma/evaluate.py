@@ -61,7 +61,8 @@ def validate(model: torch.nn.Module, data: Any, rows: np.ndarray, cfg: Config) -
     targets = np.asarray(valid.targets)[rows].astype(np.int64)
     seen = [list(valid.seen[i]) for i in rows] if cfg.eval.mask_history else None
     catalog = catalog_from_history_cache(model) or encode_catalog(
-        model, item_texts, batch_size=cfg.eval.batch_size
+        model, item_texts, batch_size=cfg.eval.batch_size,
+        image_features=data.model_image_features(cfg.model.image_dim),
     )
     user_emb = encode_users(
         model, histories, queries, catalog, item_texts, batch_size=cfg.eval.batch_size
@@ -367,7 +368,10 @@ def _load_for_eval(checkpoint: str | Path, overrides: Sequence[str] | None):
 def _encode(model: Any, data: Any, examples: Any, batch_size: int) -> tuple[Any, np.ndarray]:
     from karma.inference import encode_catalog, encode_users
 
-    catalog = encode_catalog(model, data.items.texts, batch_size=batch_size)
+    catalog = encode_catalog(
+        model, data.items.texts, batch_size=batch_size,
+        image_features=data.model_image_features(model.cfg.model.image_dim),
+    )
     user_emb = encode_users(
         model, examples.histories, examples.queries, catalog, data.items.texts, batch_size,
         progress=True,

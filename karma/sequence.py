@@ -59,8 +59,11 @@ def check_sequence_config(cfg: Config) -> None:
         problems.append("model.history_source=cache (the frozen item tower's states)")
     if m.lora and m.train_item_tower:
         problems.append("model.train_item_tower=false (catalog states must not drift)")
-    if m.image_dim > 0:
-        problems.append("model.image_dim=0 (images are not wired into this objective yet)")
+    if m.image_dim > 0 or cfg.loss.preset == "karma_mm":
+        problems.append(
+            "no images: model.image_dim=0 and a preset other than karma_mm (images are not "
+            "wired into this objective yet)"
+        )
     if problems:
         raise ConfigError("train.objective=sequence needs " + "; ".join(problems))
 

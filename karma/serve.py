@@ -60,16 +60,15 @@ def load_inference_model(checkpoint: str | Path) -> tuple[Any, Config]:
     return load_model(checkpoint, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def encode_catalog(model: Any, item_texts: list[str], batch_size: int) -> Any:
-    """The item tower over the catalog: `.item_emb` (N, k) and `.item_hidden` (N, d)."""
-    if model.cfg.model.image_dim > 0:
-        raise KarmaError(
-            "serving a model with an image token (model.image_dim > 0) needs the catalog's image "
-            "features, which karma serve cannot load yet"
-        )
+def encode_catalog(model: Any, prepared: Any, batch_size: int) -> Any:
+    """The item tower over the prepared catalog (its image features too when the model reads
+    them): `.item_emb` (N, k) and `.item_hidden` (N, d)."""
     from karma.inference import encode_catalog as encode
 
-    return encode(model, item_texts, batch_size=batch_size, progress=True)
+    return encode(
+        model, prepared.items.texts, batch_size=batch_size, progress=True,
+        image_features=prepared.model_image_features(model.cfg.model.image_dim),
+    )
 
 
 def decode_interest(model: Any, user_emb: torch.Tensor, max_new_tokens: int) -> list[str]:
@@ -111,7 +110,7 @@ class Service:
         self.item_index = {str(i): n for n, i in enumerate(self.items.item_ids)}
         self.users = _user_sequences(prepared)
         self.catalog = encode_catalog(
-            self.model, self.items.texts, batch_size=self.model_cfg.eval.batch_size
+            self.model, prepared, batch_size=self.model_cfg.eval.batch_size
         )
         self.index = self._load_index(scfg.export)
         self.encoder = FastUserEncoder(

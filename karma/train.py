@@ -360,7 +360,7 @@ def train(cfg: Config, resume: bool = False, monitor: MonitorFactory | None = No
 
 def _train(cfg: Config, resume: bool, dist: Any, monitor_factory: MonitorFactory | None) -> Path:
     from karma.batching import BatchBuilder
-    from karma.data import load_or_prepare
+    from karma.data import load_or_prepare, resolve_image_dim
     from karma.evaluate import validate
     from karma.inference import refresh_history_cache
     from karma.optim import build_optimizer, build_scheduler
@@ -379,13 +379,16 @@ def _train(cfg: Config, resume: bool, dist: Any, monitor_factory: MonitorFactory
         check_sequence_config(cfg)
     _setup_run_dir(run_dir, resume)
     data = load_or_prepare(cfg, is_main=dist.is_main)
+    cfg = resolve_image_dim(cfg, data)  # before the model, the resume check and config.yaml
+    image_features = data.model_image_features(cfg.model.image_dim)
     train_split = data.split("train")
     objective, forward, sequences = _setup_objective(cfg, dist, data)
     n_examples = len(sequences) if sequences is not None else len(train_split)
     model = objective.model
     optimizer = build_optimizer(objective, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    builder = BatchBuilder(model.tokenizer, data.items, cfg, seed=tc.seed)
+    builder = BatchBuilder(model.tokenizer, data.items, cfg, seed=tc.seed,
+                           image_features=image_features)
 
     state = RunState()
     if resume:
@@ -450,7 +453,8 @@ def _train(cfg: Config, resume: bool, dist: Any, monitor_factory: MonitorFactory
         if uses_cache and state.step % refresh_every == 0:
             with _autocast(device, tc.bf16):
                 refresh_history_cache(model, list(data.items.texts), cfg.eval.batch_size,
-                                      rank=dist.rank, world_size=dist.world_size)
+                                      image_features, rank=dist.rank,
+                                      world_size=dist.world_size)
         step_start = time.perf_counter()
         try:
             values = train_step(forward, optimizer, scheduler, batch_at, tc.grad_accum,

@@ -57,11 +57,15 @@ class ProbeBatch:
     targets: list[int]
     item_texts: list[str]
     target_categories: list[list[str]]
+    image_features: np.ndarray | None = None  # (len(item_texts), D) for a model with images
 
 
-def build_probe_batch(examples, items, n_users: int = 32, seed: int = 0) -> ProbeBatch:
+def build_probe_batch(
+    examples, items, n_users: int = 32, seed: int = 0, image_features: np.ndarray | None = None
+) -> ProbeBatch:
     """Pick `n_users` examples (seeded, without replacement) and remap their items to a local
-    catalog. `examples`: karma.data.Examples; `items`: karma.data.ItemTable."""
+    catalog. `examples`: karma.data.Examples; `items`: karma.data.ItemTable; `image_features`:
+    the catalog's (n_items, D) features when the model reads images."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(examples), size=min(n_users, len(examples)), replace=False))
     used = sorted(
@@ -74,6 +78,7 @@ def build_probe_batch(examples, items, n_users: int = 32, seed: int = 0) -> Prob
         targets=[local[int(examples.targets[r])] for r in rows],
         item_texts=[items.texts[i] for i in used],
         target_categories=[list(items.categories[int(examples.targets[r])]) for r in rows],
+        image_features=None if image_features is None else image_features[used],
     )
 
 
@@ -91,7 +96,10 @@ def probe(
     was_training = model.training
     model.eval()
     try:
-        catalog = encode_catalog(model, probe_batch.item_texts, progress=False)
+        catalog = encode_catalog(
+            model, probe_batch.item_texts, image_features=probe_batch.image_features,
+            progress=False,
+        )
         with eager_attention(model.base_lm):
             attention = collect_emb_attention(
                 model,
@@ -155,7 +163,8 @@ class SinkMonitor:
     def from_config(cls, cfg, prepared, is_main: bool = True, n_users: int = 32) -> SinkMonitor:
         """Probe users from the validation split, seeded by cfg.train.seed."""
         batch = build_probe_batch(
-            prepared.split("valid"), prepared.items, n_users=n_users, seed=cfg.train.seed
+            prepared.split("valid"), prepared.items, n_users=n_users, seed=cfg.train.seed,
+            image_features=prepared.model_image_features(cfg.model.image_dim),
         )
         return cls(
             batch,

@@ -174,7 +174,8 @@ def analyze_checkpoint(
     queries = [split.queries[r] for r in rows]
     targets = torch.tensor([int(split.targets[r]) for r in rows])
 
-    catalog = encode_catalog(model, items.texts, progress=progress)
+    image_features = prepared.model_image_features(cfg.model.image_dim)
+    catalog = encode_catalog(model, items.texts, image_features=image_features, progress=progress)
     with eager_attention(model.base_lm):
         probe = collect_emb_attention(
             model,
@@ -198,7 +199,12 @@ def analyze_checkpoint(
     decoded = decode_from_embedding(model, user_emb, max_new_tokens=ac.max_new_tokens)
     target_texts = [items.texts[int(t)] for t in targets]
     fidelity = text_metrics(decoded, target_texts, [items.categories[int(t)] for t in targets])
-    decoded_emb = encode_catalog(model, decoded, progress=False).item_emb
+    # Decoded text has no picture: it is read as an item without an image (a zero feature, as
+    # data prepare stores for those), so the text-as-query rank measures what the text carries.
+    no_image = None if image_features is None else np.zeros(
+        (len(decoded), image_features.shape[1]), dtype=np.float32
+    )
+    decoded_emb = encode_catalog(model, decoded, image_features=no_image, progress=False).item_emb
     fidelity.update(rank_metrics(catalog_ranks(decoded_emb, catalog.item_emb, targets)))
     fidelity.update(
         rank_metrics(catalog_ranks(user_emb, catalog.item_emb, targets), prefix="user_query_")
