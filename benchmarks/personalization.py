@@ -195,7 +195,40 @@ def write_report(results: list[dict], out: Path) -> None:
             row[cols.index("test_hr10_other_history")] += (
                 f" ({100 * (other / r['test_hr10'] - 1):+.0f}%)")
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Rows: `ablation/*` share one budget (100 steps x 16, action_only, no query, "
+              "seed 0; a sequence-objective batch is 16 users with a readout at every history "
+              "position); "
+              "`demo/*` are the recipes of `karma demo` (no query: 400 steps x 16 users; genre "
+              "queries: 100 steps x 16 prompts); `default` marks the chosen recipe. Wall seconds "
+              "are training plus evaluation on a CPU shared with other jobs: upper bounds.", "",
+              f"![own vs other history]({out.name}.png)", ""]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(results, out.with_suffix(".png"))
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Test HR@10 with the user's own and with another user's history, per LLM row; the ID
+    baselines as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    llm = [r for r in results if r["recipe"] != "baseline"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(llm)), 4))
+    xs = range(len(llm))
+    ax.bar([x - 0.2 for x in xs], [r["test_hr10"] for r in llm], 0.4, label="own history")
+    ax.bar([x + 0.2 for x in xs], [r["test_hr10_other_history"] or 0 for r in llm], 0.4,
+           label="another user's history")
+    for r, style in zip([r for r in results if r["recipe"] == "baseline"], ("--", ":", "-.") * 9):
+        ax.axhline(r["test_hr10"], linestyle=style, color="gray", linewidth=1)
+        ax.text(len(llm) - 0.5, r["test_hr10"], r["id"], fontsize=7, va="bottom", ha="right")
+    ax.set_xticks(list(xs), [r["id"] for r in llm], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("test HR@10")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
