@@ -82,7 +82,7 @@ def run_preranking(
     items = torch.as_tensor(np.asarray(item_emb), dtype=torch.float32)  # (N_items, k)
     u = torch.as_tensor(np.asarray(valid_u), dtype=torch.float32)  # (U, k)
     hit = torch.as_tensor(v_ids == np.asarray(valid.targets)[:, None])  # (U, N)
-    keep = torch.flatnonzero(hit.any(dim=1))
+    keep = hit.any(dim=1).nonzero().squeeze(1)  # (U_kept,) requests with the target retrieved
     if len(keep) == 0:
         raise KarmaError("no valid request has its target among its candidates: nothing to fit")
     label = hit.float().argmax(dim=1)  # (U,) candidate slot of the target

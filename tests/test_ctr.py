@@ -25,6 +25,14 @@ def prepared(debug_checkpoint: Path):
     return cfg, load_prepared(cfg.data.prepared_dir)
 
 
+@pytest.fixture(scope="module")
+def rows150(prepared):
+    """Every CTR row of the first 150 test users (train_window=0: all training positions)."""
+    cfg, data = prepared
+    users = list(data.split("test").user_ids)[:150]
+    return users, build_ctr_rows(data, cfg, users)
+
+
 def _raw_sequences(cfg):
     """Each user's (item_idx, timestamp, rating) oldest first, straight from the wheel's file:
     independent of karma/ctr.py's own ordering code."""
@@ -45,10 +53,8 @@ def _raw_sequences(cfg):
     return {u: [(item, ts, r) for ts, _, item, r in sorted(v)] for u, v in seqs.items()}
 
 
-def test_no_training_row_is_later_than_the_users_evaluation_rows(prepared) -> None:
-    cfg, data = prepared
-    users = list(data.split("test").user_ids)[:150]
-    rows = build_ctr_rows(data, cfg, users)
+def test_no_training_row_is_later_than_the_users_evaluation_rows(rows150) -> None:
+    users, rows = rows150
     assert set(rows.user_ids) == set(users)
     for user in users:
         mine = np.flatnonzero(np.asarray(rows.user_ids) == user)
@@ -58,11 +64,12 @@ def test_no_training_row_is_later_than_the_users_evaluation_rows(prepared) -> No
         assert rows.timestamps[train].max() <= rows.timestamps[ev].min()
 
 
-def test_every_row_sees_only_the_items_before_it_and_labels_follow_ratings(prepared) -> None:
+def test_every_row_sees_only_the_items_before_it_and_labels_follow_ratings(
+    prepared, rows150
+) -> None:
     cfg, data = prepared
     seqs = _raw_sequences(cfg)
-    users = list(data.split("test").user_ids)[:150]
-    rows = build_ctr_rows(data, cfg, users)
+    _, rows = rows150
     h = cfg.data.max_history
     for r in range(len(rows)):
         seq = seqs[rows.user_ids[r]]
@@ -75,10 +82,10 @@ def test_every_row_sees_only_the_items_before_it_and_labels_follow_ratings(prepa
     assert 0.3 < rows.labels.mean() < 0.8  # ML-100K: ~55% of ratings are 4 or 5
 
 
-def test_train_window_keeps_the_last_training_rows(prepared) -> None:
+def test_train_window_keeps_the_last_training_rows(prepared, rows150) -> None:
     cfg, data = prepared
-    users = list(data.split("test").user_ids)[:20]
-    full = build_ctr_rows(data, cfg, users)
+    users, full = rows150
+    users = users[:20]
     cfg.funnel.train_window = 3
     short = build_ctr_rows(data, cfg, users)
     cfg.funnel.train_window = 0
@@ -89,11 +96,10 @@ def test_train_window_keeps_the_last_training_rows(prepared) -> None:
         assert list(short.positions[s]) == list(full.positions[f][-5:])
 
 
-def test_deepfm_learns_and_karma_features_are_used(prepared) -> None:
+def test_deepfm_learns_and_karma_features_are_used(prepared, rows150) -> None:
     cfg, data = prepared
-    users = list(data.split("test").user_ids)[:300]
-    rows = build_ctr_rows(data, cfg, users)
-    cfg.funnel.ctr_epochs = 2
+    _, rows = rows150
+    cfg.funnel.ctr_epochs = 3
     # an oracle-like dense feature: u.e carries the label, so the model with it must beat chance
     rng = np.random.default_rng(0)
     item_emb = rng.normal(size=(data.items.n_items, 4)).astype(np.float32)
@@ -107,7 +113,7 @@ def test_deepfm_learns_and_karma_features_are_used(prepared) -> None:
     assert with_k["auc"] > 0.9 > base["auc"]
 
 
-def test_bad_inputs_name_the_field(prepared) -> None:
+def test_bad_inputs_name_the_field(prepared, rows150) -> None:
     cfg, data = prepared
     cfg.funnel.train_window = -1
     with pytest.raises(KarmaError, match="funnel.train_window"):
@@ -115,7 +121,7 @@ def test_bad_inputs_name_the_field(prepared) -> None:
     cfg.funnel.train_window = 0
     with pytest.raises(KarmaError, match="user 'nobody'"):
         build_ctr_rows(data, cfg, ["nobody"])
-    rows = build_ctr_rows(data, cfg, list(data.split("test").user_ids)[:2])
+    _, rows = rows150
     with pytest.raises(KarmaError, match="with_karma"):
         train_and_score(ctr_features(rows, data, None, None), rows, data.items.n_items, True, 0,
                         cfg.funnel, False)
