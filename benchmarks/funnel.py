@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--results", default="benchmarks/results/funnel_ml100k_cpu")
     args = ap.parse_args()
     runs = Path(args.runs)
-    recipe = [o for o in CPU_RECIPE if not o.startswith(("train.steps", "train.num_threads"))]
+    fixed = ("train.steps", "train.num_threads", "train.save_every", "train.eval_every")
+    recipe = [o for o in CPU_RECIPE if not o.startswith(fixed)]
     recipe += [f"train.steps={args.steps}", f"train.num_threads={args.threads}",
                f"train.save_every={args.steps}", "train.eval_every=0",
                f"data.prepared_dir={runs / 'data'}"]

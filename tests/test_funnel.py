@@ -58,11 +58,12 @@ def test_evaluation_rows_get_the_u_of_the_history_before_them(debug_checkpoint: 
 
     model, _ = load_model(debug_checkpoint, ["train.device=cpu"])
     texts = list(data.items.texts)
-    catalog = encode_catalog(model, texts)
+    catalog = encode_catalog(model, texts, batch_size=256)
     hist = [rows.histories[i] for i in ev[:6]]
     queries = [rows.queries[i] for i in ev[:6]]
-    u = np.asarray(encode_users(model, hist, queries, catalog, texts))
-    np.testing.assert_allclose(enc["u"][ev[:6]], u, atol=1e-5)
+    u = np.asarray(encode_users(model, hist, queries, catalog, texts, batch_size=256))
+    # batches pad differently here than in the funnel's encoding: float noise only
+    np.testing.assert_allclose(enc["u"][ev[:6]], u, atol=1e-4)
     # the check can fail: a history that includes the row's own item gives another u
     leaky = [h + [int(rows.items[i])] for h, i in zip(hist, ev[:6])]
     u_leak = np.asarray(encode_users(model, leaky, queries, catalog, texts))
