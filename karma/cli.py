@@ -10,6 +10,7 @@
     karma baseline sasrec --config configs/ml100k.yaml
     karma experiment --config configs/ml100k.yaml methods=[popularity,sasrec] seeds=[0,1,2]
     karma analyze --checkpoint A --compare B --out runs/analysis
+    karma funnel --checkpoint A --compare B --out runs/funnel funnel.max_users=200
     karma serve --checkpoint runs/train/checkpoints/best [--export runs/export] serve.port=8000
     karma backbones list
     karma demo
@@ -137,6 +138,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_funnel(args: argparse.Namespace) -> int:
+    from karma.funnel import run_funnel
+
+    run_funnel(args.checkpoint, compare=args.compare, out_dir=args.out, overrides=args.overrides)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from karma.serve import serve
 
@@ -232,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/analysis")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("funnel", help="recall, pre-ranking and ranking of one or two checkpoints")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--compare", default=None, help="a second checkpoint, shown side by side")
+    p.add_argument("--out", default="runs/funnel")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. funnel.max_users=200")
+    p.set_defaults(func=_cmd_funnel)
 
     p = sub.add_parser("serve", help="HTTP search API and search page for a checkpoint")
     p.add_argument("--checkpoint", required=True)

@@ -218,6 +218,30 @@ class AnalysisConfig:
 
 
 @dataclass
+class FunnelConfig:
+    """`karma funnel`: pre-ranking and ranking stages over a checkpoint's embeddings."""
+
+    max_users: int = 0  # seeded sample of the test users for every stage; 0 = all
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # of the trained scorers
+    # Pre-ranking: the top `candidates` of retrieval (seen items masked) re-scored by a light model
+    candidates: int = 500
+    ks: list[int] = field(default_factory=lambda: [10, 50, 100])
+    prerank_epochs: int = 10
+    prerank_lr: float = 3.0e-3
+    prerank_hidden: int = 32
+    # Ranking: impressions = a user's rated items, click = rating >= click_rating
+    click_rating: float = 4.0
+    train_window: int = 10  # CTR training rows per user (its last ones before valid); 0 = all
+    ctr_epochs: int = 4
+    ctr_batch_size: int = 256
+    ctr_lr: float = 1.0e-3
+    ctr_weight_decay: float = 1.0e-6
+    ctr_embed_dim: int = 16
+    ctr_hidden: list[int] = field(default_factory=lambda: [64, 32])
+    ctr_dropout: float = 0.2
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -227,6 +251,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    funnel: FunnelConfig = field(default_factory=FunnelConfig)
 
 
 def _check_value(value: Any, tp: Any, key: str) -> Any:

@@ -156,3 +156,52 @@ def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
     total = unit.sum(0)  # sum_ij u_i.u_j = |sum_i u_i|^2, without the (N, N) matrix
     return float((total @ total - n) / (n * (n - 1)))
 
+# ---------------------------------------------------------------------------------------------
+# Click-through metrics of the ranking stage (karma/ctr.py): labels 0/1, scores = P(click)
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC: the probability that a random click scores above a random non-click, ties
+    counted one half (Mann-Whitney with average ranks). labels, scores: (R,)."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be equal 1-D")
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUC needs both classes, got {n_pos} clicks and {n_neg} non-clicks")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # 1-based average rank of each distinct score: its block ends at cumsum(counts)
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0
+    rank_sum = avg_rank[inverse][labels].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, groups: Sequence) -> tuple[float, int]:
+    """Grouped AUC: the AUC of each group (user) with both classes, weighted by the group's
+    number of impressions. Returns (gAUC, groups used); groups with one class carry no ranking
+    signal and are left out."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    _, codes = np.unique(np.asarray(groups), return_inverse=True)
+    total, weight, used = 0.0, 0, 0
+    order = np.argsort(codes, kind="stable")
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    for rows in np.split(order, bounds):
+        y = labels[rows]
+        if y.all() or not y.any():
+            continue
+        total += len(rows) * auc(y, scores[rows])
+        weight += len(rows)
+        used += 1
+    if used == 0:
+        raise ValueError("gAUC needs at least one group with both clicks and non-clicks")
+    return total / weight, used
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of click probabilities (clipped to [eps, 1 - eps])."""
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1.0 - eps)
+    return float(-(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)).mean())

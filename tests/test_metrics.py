@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from karma.metrics import MISS, compute_metrics, metrics_from_ranks, rank_with_mask, target_ranks
+from karma.metrics import (
+    MISS,
+    auc,
+    compute_metrics,
+    gauc,
+    logloss,
+    metrics_from_ranks,
+    rank_with_mask,
+    target_ranks,
+)
 
 
 def loop_rank(scores: np.ndarray, target: int, seen: list[int]) -> int:
@@ -137,3 +146,33 @@ def test_mean_pairwise_cosine_matches_the_pairwise_loop():
     pairs = [float(unit[i] @ unit[j]) for i in range(7) for j in range(7) if i != j]
     assert abs(mean_pairwise_cosine(x) - sum(pairs) / len(pairs)) < 1e-5
     assert abs(mean_pairwise_cosine(torch.ones(4, 3)) - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auc_matches_sklearn_with_ties(seed: int) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300)
+    s = rng.integers(0, 7, 300).astype(float)  # few levels: many ties
+    assert auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert auc([1, 0], [0.5, 0.5]) == 0.5
+
+
+def test_gauc_weights_users_by_impressions_and_skips_one_class_users() -> None:
+    y = np.array([1, 0, 0, 1, 0, 1, 1])
+    s = np.array([0.9, 0.1, 0.2, 0.3, 0.8, 0.5, 0.6])
+    g = ["a", "a", "a", "b", "b", "c", "c"]  # a: AUC 1 (3 rows), b: AUC 0 (2 rows), c: one class
+    value, used = gauc(y, s, g)
+    assert used == 2
+    assert value == pytest.approx((3 * 1.0 + 2 * 0.0) / 5)
+    with pytest.raises(ValueError, match="both classes"):
+        auc([1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match="at least one group"):
+        gauc([1, 0], [0.1, 0.2], ["a", "b"])
+
+
+def test_logloss_known_value_and_clipping() -> None:
+    assert logloss([1, 0], [0.5, 0.5]) == pytest.approx(math.log(2))
+    assert math.isfinite(logloss([1, 0], [0.0, 1.0]))  # clipped, not inf

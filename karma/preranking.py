@@ -1,0 +1,122 @@
+"""The pre-ranking stage: each request's candidate set is the top-N of retrieval, re-scored by a
+light model over the embedding features, scored by HR@K / NDCG@K within the candidate set.
+
+    cands = candidate_sets(user_emb, item_emb, examples, n=500)   # (U, N) ids, best first
+    metrics = run_preranking(valid_u, test_u, item_emb, valid, test, popularity, cfg.funnel, seed)
+
+The light model is trained on the valid requests (the second-last interaction of each user) and
+evaluated on the test requests (the last), so nothing it learns comes from a later interaction.
+Candidates mask the items the user saw before the target, as full-catalog recall does
+(karma/metrics.py); a target outside its candidate set is a miss at every K.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from karma.config import FunnelConfig
+from karma.errors import KarmaError
+from karma.metrics import compute_metrics, top_k_masked
+
+
+def candidate_sets(
+    user_emb: np.ndarray, item_emb: np.ndarray, examples: Any, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`n` items per request by u.e, seen items (except the target) masked: (ids (U, n) with
+    -1 padding, retrieval scores (U, n))."""
+    if n < 1:
+        raise KarmaError(f"funnel.candidates must be >= 1, got {n}")
+    scores = torch.as_tensor(user_emb).float() @ torch.as_tensor(item_emb).float().T  # (U, N)
+    top_scores, top_ids = top_k_masked(scores, n, seen=examples.seen, targets=examples.targets)
+    return top_ids.numpy(), top_scores.numpy()
+
+
+class LightScorer(torch.nn.Module):
+    """score(u, e) = MLP([u * e, u.e, log(1 + train popularity of e's item)]): a pre-ranking-size
+    model (one hidden layer) that can re-weight the embedding dimensions and add popularity."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(dim + 2, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)
+        )
+
+    def forward(self, u: torch.Tensor, e: torch.Tensor, pop: torch.Tensor) -> torch.Tensor:
+        # u (B, k), e (B, N, k), pop (B, N) -> scores (B, N)
+        prod = u[:, None, :] * e
+        x = torch.cat([prod, prod.sum(-1, keepdim=True), pop[..., None]], dim=-1)
+        return self.mlp(x).squeeze(-1)
+
+
+def _gather(items: torch.Tensor, log_pop: torch.Tensor, ids: np.ndarray, rows: torch.Tensor):
+    """e (B, N, k), pop (B, N) and the padding mask (B, N) of candidate `ids[rows]` (-1 = pad);
+    gathered per batch: the whole (U, N, k) block is 0.5 GB on ML-100K and 3 GB on ML-1M."""
+    ids_t = torch.as_tensor(ids[rows.numpy()], dtype=torch.long)  # (B, N)
+    safe = ids_t.clamp(min=0)
+    return items[safe], log_pop[safe], ids_t < 0
+
+
+def run_preranking(
+    valid_u: np.ndarray,
+    test_u: np.ndarray,
+    item_emb: np.ndarray,
+    valid: Any,
+    test: Any,
+    popularity: np.ndarray,
+    cfg: FunnelConfig,
+    seed: int,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Train the light scorer on the valid requests' candidate sets (softmax cross-entropy over
+    the candidates, requests whose target was not retrieved skipped), then rank each test
+    request's candidates by it. Returns HR@K / NDCG@K within the candidate set for
+    `cfg.ks`, the retrieval order's own figures (`retrieval_hr@K`) and `candidate_recall`."""
+    n = cfg.candidates
+    log_pop = torch.log1p(torch.as_tensor(popularity, dtype=torch.float32))  # (N_items,)
+    v_ids, _ = candidate_sets(valid_u, item_emb, valid, n)
+    t_ids, t_scores = candidate_sets(test_u, item_emb, test, n)
+    items = torch.as_tensor(np.asarray(item_emb), dtype=torch.float32)  # (N_items, k)
+    u = torch.as_tensor(np.asarray(valid_u), dtype=torch.float32)  # (U, k)
+    hit = torch.as_tensor(v_ids == np.asarray(valid.targets)[:, None])  # (U, N)
+    keep = hit.any(dim=1).nonzero().squeeze(1)  # (U_kept,) requests with the target retrieved
+    if len(keep) == 0:
+        raise KarmaError("no valid request has its target among its candidates: nothing to fit")
+    label = hit.float().argmax(dim=1)  # (U,) candidate slot of the target
+    torch.manual_seed(seed)
+    model = LightScorer(u.shape[1], cfg.prerank_hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.prerank_lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(cfg.prerank_epochs), desc=f"pre-ranker seed {seed}",
+                  disable=not show_progress, leave=False):
+        perm = keep[torch.randperm(len(keep), generator=gen)]
+        for s in range(0, len(perm), 32):
+            b = perm[s : s + 32]
+            e, pop, pad = _gather(items, log_pop, v_ids, b)
+            logits = model(u[b], e, pop).masked_fill(pad, float("-inf"))  # (B, N)
+            loss = torch.nn.functional.cross_entropy(logits, label[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    u = torch.as_tensor(np.asarray(test_u), dtype=torch.float32)
+    chunks = []
+    with torch.no_grad():
+        for s in range(0, len(u), 256):
+            b = torch.arange(s, min(s + 256, len(u)))
+            e, pop, pad = _gather(items, log_pop, t_ids, b)
+            chunks.append(model(u[b], e, pop).masked_fill(pad, float("-inf")))
+    scores = torch.cat(chunks).numpy()  # (U, N)
+    targets = np.asarray(test.targets)
+    ks = sorted(set(cfg.ks))
+    light = compute_metrics(t_ids, targets, ks, scores=scores)
+    retrieval = compute_metrics(t_ids, targets, ks, scores=t_scores)
+    out = {k: v for k, v in light.items() if not k.startswith("mrr")}
+    out.update({f"retrieval_{k}": v for k, v in retrieval.items() if k.startswith("hr")})
+    out["candidate_recall"] = float((t_ids == targets[:, None]).any(axis=1).mean())
+    return out
+
+
+__all__ = ["LightScorer", "candidate_sets", "run_preranking"]
