@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="LoRA steps per preset (recipe: 100)")
     ap.add_argument("--threads", type=int, default=2, help="train.num_threads")
     ap.add_argument("--runs", default="runs/funnel_bench")
+    ap.add_argument("--checkpoints", default="",
+                    help="DIR with action_only/ and karma/ runs of the same recipe to reuse, e.g. "
+                    "runs/personalization/demo/genre (benchmarks/personalization.py)")
     ap.add_argument("--max-users", type=int, default=0)
     ap.add_argument("--train-window", type=int, default=10)
     ap.add_argument("--results", default="benchmarks/results/funnel_ml100k_cpu")
@@ -50,8 +53,9 @@ def main() -> None:
                f"train.save_every={args.steps}", "train.eval_every=0",
                f"data.prepared_dir={runs / 'data'}"]
     walls = {}
+    source = Path(args.checkpoints) if args.checkpoints else runs
     for preset in PRESETS:
-        out = runs / preset
+        out = source / preset
         t = time.time()
         if not (out / "train_summary.json").exists():
             cfg = load_config("configs/ml100k.yaml", [*recipe, f"loss.preset={preset}",
@@ -62,8 +66,8 @@ def main() -> None:
     overrides = [f"funnel.max_users={args.max_users}", f"funnel.train_window={args.train_window}",
                  f"train.num_threads={args.threads}", "train.device=cpu"]
     torch.set_num_threads(args.threads)
-    results = run_funnel(runs / "action_only" / "checkpoints" / "last",
-                         compare=runs / "karma" / "checkpoints" / "last",
+    results = run_funnel(source / "action_only" / "checkpoints" / "last",
+                         compare=source / "karma" / "checkpoints" / "last",
                          out_dir=runs / "funnel", overrides=overrides)
     walls["funnel"] = round(time.time() - t, 1)
     dest = Path(args.results)
@@ -73,7 +77,8 @@ def main() -> None:
     dest.with_suffix(".json").write_text(json.dumps(results, indent=1))
     md = format_markdown(results).replace("(funnel.png)", f"({dest.with_suffix('.png').name})")
     head = (f"Machine: {results['benchmark']['machine']}. Recipe: karma/demo.py CPU_RECIPE with "
-            f"train.steps={args.steps} (SmolLM2-135M, LoRA). Wall seconds: "
+            f"train.steps={args.steps} (SmolLM2-135M, LoRA); checkpoints from {source}. "
+            "Wall seconds: "
             + ", ".join(f"{k} {v}" for k, v in walls.items()) + ".\n\n")
     dest.with_suffix(".md").write_text(md.replace("\n\n", "\n\n" + head, 1))
     print(f"results in {dest}.md")
