@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -195,6 +196,15 @@ def write_report(results: list[dict], out: Path) -> None:
             row[cols.index("test_hr10_other_history")] += (
                 f" ({100 * (other / r['test_hr10'] - 1):+.0f}%)")
         lines.append("| " + " | ".join(row) + " |")
+    groups: dict[str, list[float]] = {}
+    for r in results:
+        if r["recipe"] in ("baseline", "long"):
+            groups.setdefault(r["id"].rsplit("/seed", 1)[0], []).append(r["test_hr10"])
+    seeded = {k: v for k, v in groups.items() if len(v) > 1}
+    if seeded:
+        lines += ["", "Over seeds (test HR@10, mean +- sample std):", ""]
+        lines += [f"- {k}: {statistics.mean(v):.4f} +- {statistics.stdev(v):.4f} ({len(v)} seeds)"
+                  for k, v in seeded.items()]
     lines += ["", "Rows: `ablation/*` share one budget (100 steps x 16, action_only, no query, "
               "seed 0; a sequence-objective batch is 16 users with a readout at every history "
               "position); "
