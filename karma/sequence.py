@@ -101,10 +101,9 @@ class UserSequences:
         x_all = model.history_proj(model.condition(model.history_cache))  # (N, d) history tokens
         key = _cache_key(cfg, prefix, x_all, items)
         path = _cache_dir() / f"{key}.pt"
-        states = torch.load(path, weights_only=True) if path.exists() else None
-        if states is None:
-            states = _lower_states(model, prefix, x_all, items, cfg.eval.batch_size, progress)
-            write_tensor_atomic(path, states)
+        states = _cached(
+            path, lambda: _lower_states(model, prefix, x_all, items, cfg.eval.batch_size, progress)
+        )
         lambda_gen, lambda_rec, _ = loss_weights(cfg.loss)
         target_ids = [prompt.target(data.items.texts[s[-1]]) for s in items]
         suffixes = None
@@ -112,13 +111,11 @@ class UserSequences:
             h = hashlib.sha256(key.encode())
             for t in target_ids:
                 h.update(np.asarray(prompt.next_ids + list(t), dtype=np.int64).tobytes())
-            suffix_path = _cache_dir() / f"{h.hexdigest()[:24]}-next.pt"
-            if suffix_path.exists():
-                suffixes = torch.load(suffix_path, weights_only=True)
-            else:
-                starts = [st.shape[0] for st in states]
-                suffixes = _suffix_states(model, target_ids, starts, cfg.eval.batch_size)
-                write_tensor_atomic(suffix_path, suffixes)
+            starts = [st.shape[0] for st in states]
+            suffixes = _cached(
+                _cache_dir() / f"{h.hexdigest()[:24]}-next.pt",
+                lambda: _suffix_states(model, target_ids, starts, cfg.eval.batch_size),
+            )
         return cls(items, states, len(prefix), suffixes, target_ids)
 
     def item_frequency(self, n_items: int) -> torch.Tensor:
@@ -316,6 +313,15 @@ def _cache_key(cfg: Config, prefix: list[int], x_all: torch.Tensor, items: list[
     for seq in items:
         h.update(np.asarray(seq, dtype=np.int64).tobytes())
     return h.hexdigest()[:24]
+
+
+def _cached(path: Path, compute: Any) -> Any:
+    """torch.load(path) if it exists, else compute() written there atomically."""
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    value = compute()
+    write_tensor_atomic(path, value)
+    return value
 
 
 def _cache_dir() -> Path:
