@@ -18,7 +18,9 @@ Rows:
   row is one change from it or from the chosen recipe (`karma.demo.SEQUENCE_CPU_RECIPE`). For
   the sequence objective a batch is 16 users, each a dense readout at every history position;
   the wall-clock column says what each row cost.
-- demo: the recipes of `karma demo` at its budget, both presets, both query modes.
+- demo: the recipes of `karma demo` at its budget, both presets, both query modes
+  (SEQUENCE_CPU_RECIPE without a query, SEARCH_CPU_RECIPE with genre queries); prompt: the
+  search setting's demo recipe before issue 10 (`karma.demo.CPU_RECIPE`).
 - long: `configs/ml100k_long.yaml` / `configs/ml1m_long.yaml`, 3 seeds.
 - sasrec / popularity: the baselines on the same prepared splits, 3 seeds for SASRec.
 
@@ -41,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from karma.demo import CPU_RECIPE, SEQUENCE_CPU_RECIPE
+from karma.demo import CPU_RECIPE, SEARCH_CPU_RECIPE, SEQUENCE_CPU_RECIPE
 
 ROOT = Path("runs/personalization")
 ABLATION_STEPS = 100
@@ -86,16 +88,17 @@ def rows() -> list[dict]:
              base + extra + budget, default=name == "chosen")
         for name, base, extra in ablation
     ]
-    for query_mode in ("none", "genre"):
-        for preset in ("action_only", "karma"):
-            if query_mode == "none":
-                recipe = chosen
-            else:
-                recipe = [o for o in CPU_RECIPE if not o.startswith("data.query_mode")]
-                recipe += ["data.query_mode=genre",
-                           f"data.prepared_dir={_prepared('ml-100k', 'genre', 10)}"]
-            out.append(_llm(f"demo/{query_mode}/{preset}", "demo", preset, query_mode, "ml-100k",
-                            0, recipe + [f"loss.preset={preset}"], default=query_mode == "none"))
+    search = SEARCH_CPU_RECIPE + [f"data.prepared_dir={_prepared('ml-100k', 'genre', 20)}"]
+    prompt = [o for o in CPU_RECIPE if not o.startswith("data.query_mode")]
+    prompt += ["data.query_mode=genre", f"data.prepared_dir={_prepared('ml-100k', 'genre', 10)}"]
+    for preset in ("action_only", "karma"):
+        out.append(_llm(f"demo/none/{preset}", "demo", preset, "none", "ml-100k", 0,
+                        chosen + [f"loss.preset={preset}"], default=True))
+        out.append(_llm(f"demo/genre/{preset}", "demo", preset, "genre", "ml-100k", 0,
+                        search + [f"loss.preset={preset}"], default=True))
+        # the search setting's demo before issue 10: the prompt recipe
+        out.append(_llm(f"prompt/genre/{preset}", "prompt", preset, "genre", "ml-100k", 0,
+                        prompt + [f"loss.preset={preset}"]))
     for dataset in ("ml-100k", "ml-1m"):
         long_cfg = DATA[dataset][0].replace(".yaml", "_long.yaml")
         for seed in SEEDS:

@@ -243,20 +243,32 @@ class KarmaModel(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        past: Any | None = None,
     ) -> torch.Tensor:
         """The residual stream entering layer model.freeze_layers (the frozen lower layers
-        only, no final norm); position ids default to counting real tokens. (B, T, d) -> same"""
+        only, no final norm); position ids default to counting real tokens. (B, T, d) -> same
+
+        past: a transformers Cache of the lower layers' key/values of earlier tokens (left-padded
+        rows), extended in place with the new ones; attention_mask (B, P + T) then covers the
+        past as well, so the default position ids continue each row's real past tokens."""
         cut = self.cfg.model.freeze_layers
         if cut == 0:
             return inputs_embeds
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            T = inputs_embeds.shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
         span = _decoder_span(self.base_lm.get_decoder(), 0, cut, final_norm=False)
+        kwargs = {}
+        if past is not None:
+            from karma.inference import _cache_keyword
+
+            kwargs = {_cache_keyword(self.backbone): past}
         out = span(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            use_cache=False,
+            use_cache=past is not None,
+            **kwargs,
         )
         return out.last_hidden_state
 
@@ -387,9 +399,7 @@ class KarmaModel(nn.Module):
         return self.rec_norm(prefix)
 
 
-def _resize_catalog_tensors(
-    module: KarmaModel, state_dict: dict, prefix: str, *args: Any
-) -> None:
+def _resize_catalog_tensors(module: KarmaModel, state_dict: dict, prefix: str, *args: Any) -> None:
     # Catalog-sized tensors (history cache, ID embeddings) are only sized by the checkpoint; make
     # room before the copy.
     for name in ("history_cache", "id_known", "item_id_emb", "history_id_emb"):
@@ -399,8 +409,11 @@ def _resize_catalog_tensors(
         current = getattr(module, name)
         if state_dict[key].shape != current.shape:
             resized = current.new_zeros(state_dict[key].shape)
-            setattr(module, name, nn.Parameter(resized) if isinstance(current, nn.Parameter)
-                    else resized)
+            setattr(
+                module,
+                name,
+                nn.Parameter(resized) if isinstance(current, nn.Parameter) else resized,
+            )
 
 
 def _decoder_span(decoder: nn.Module, start: int, end: int, final_norm: bool) -> nn.Module:

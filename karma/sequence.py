@@ -2,13 +2,23 @@
 
     sequences = UserSequences.build(model, data, cfg)      # cached lower-layer states per user
     objective = SequenceObjective(model, cfg.loss)
-    out = objective(sequences.batch(rows))                  # {"loss", "act_loss", ...}
+    out = objective(sequences.batch(model, rows))          # {"loss", "act_loss", ...}
 
 Every position of a user's training sequence is a readout: u_t = normalize(W_u h_t) at history
 token x_t must rank x_{t+1} first over the whole catalog (`CatalogSoftmaxLoss`), as SASRec and
 HLLM train. One forward over n items gives n - 1 examples where the prompt objective gives one.
 Inference is unchanged: a query-less prompt `<bos> History: x_1 .. x_n` read at x_n
 (`model.readout=history`) is exactly the last readout, run through the whole LLM.
+
+With queries (data.query_mode other than none, `model.prompt_layout=history_first`) each user
+of a batch also gives one search example: a cut c drawn per step, the prompt
+`<bos> History: x_1 .. x_c Query: q_{c+1} <EMB>` with the query of x_{c+1}'s training example,
+read at <EMB> and scored against the catalog like the dense readouts. The dense readouts stay
+query-less, so one checkpoint serves recommendation (no query, read at the last history token)
+and search (read after the query); act_loss weighs the two tasks equally. The search example is
+exactly the inference prompt: its query tokens attend to the history in every layer, so the
+frozen lower layers' key/values of each user sequence are cached at setup too (bf16, about
+1 MB per user of 50 items on SmolLM2) and a step runs the lower layers on the query tokens only.
 
 Compute. The lower `model.freeze_layers` layers are frozen and so is everything below them (P_h,
 the catalog statistics, the item tower, which runs with the LoRA adapters off), so their output
@@ -49,8 +59,11 @@ def check_sequence_config(cfg: Config) -> None:
     """What train.objective=sequence needs, checked before any work."""
     m = cfg.model
     problems = []
-    if cfg.data.query_mode != "none":
-        problems.append("data.query_mode=none (a readout at every position has no query)")
+    if cfg.data.query_mode != "none" and m.prompt_layout != "history_first":
+        problems.append(
+            "model.prompt_layout=history_first with a query (the query must follow the history, "
+            "so the dense readouts before it stay query-less)"
+        )
     if m.interface != "continuous":
         problems.append("model.interface=continuous")
     if m.readout != "history":
@@ -81,6 +94,11 @@ class UserSequences:
     # sequence), appended to the user's states; None when the preset has no L_gen
     suffix_states: list[torch.Tensor] | None
     target_ids: list[list[int]]  # per user, tokens of x_n's text + eos (L_gen / L_rec)
+    # per user, the query of each readout target x_2 .. x_n (from the training examples), and
+    # the frozen lower layers' key/values of the input tokens, (L, 2, h, P + n - 1, hd) bf16;
+    # None without queries
+    queries: list[list[str]] | None = None
+    lower_kv: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -92,17 +110,21 @@ class UserSequences:
         pass is cached on disk under $KARMA_HOME/sequence_cache, keyed by everything it reads."""
         max_len = cfg.train.sequence_max_len
         valid = data.split("valid")
-        items = [list(map(int, s))[-(max_len + 1) :] for s in valid.seen]
-        items = [s for s in items if len(s) >= 2]
-        if not items:
+        users = [
+            (u, list(map(int, s))[-(max_len + 1) :]) for u, s in zip(valid.user_ids, valid.seen)
+        ]
+        users = [(u, s) for u, s in users if len(s) >= 2]
+        if not users:
             raise DataError("train.objective=sequence: no user has 2 training items")
+        items = [s for _, s in users]
         prompt = model.prompt
         prefix = prompt.bos + prompt.history_first_ids
         x_all = model.history_proj(model.condition(model.history_cache))  # (N, d) history tokens
         key = _cache_key(cfg, prefix, x_all, items)
         path = _cache_dir() / f"{key}.pt"
         states = _cached(
-            path, lambda: _lower_states(model, prefix, x_all, items, cfg.eval.batch_size, progress)
+            path,
+            lambda: _lower_states(model, prefix, x_all, items, cfg.eval.batch_size, progress)[0],
         )
         lambda_gen, lambda_rec, _ = loss_weights(cfg.loss)
         target_ids = [prompt.target(data.items.texts[s[-1]]) for s in items]
@@ -116,7 +138,16 @@ class UserSequences:
                 _cache_dir() / f"{h.hexdigest()[:24]}-next.pt",
                 lambda: _suffix_states(model, target_ids, starts, cfg.eval.batch_size),
             )
-        return cls(items, states, len(prefix), suffixes, target_ids)
+        queries = kv = None
+        if cfg.data.query_mode != "none":
+            queries = _target_queries(data.split("train"), users)
+            kv = _cached(
+                _cache_dir() / f"{key}-kv.pt",
+                lambda: _lower_states(
+                    model, prefix, x_all, items, cfg.eval.batch_size, progress, keep_kv=True
+                )[1],
+            )
+        return cls(items, states, len(prefix), suffixes, target_ids, queries, kv)
 
     def item_frequency(self, n_items: int) -> torch.Tensor:
         """How often each item is a readout target: the proposal of sampled catalog softmax."""
@@ -125,21 +156,23 @@ class UserSequences:
             np.add.at(counts, seq[1:], 1)
         return torch.as_tensor(counts + 1.0)  # every item keeps a chance to be sampled
 
-    def batch(self, model: KarmaModel, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch(
+        self, model: KarmaModel, rows: np.ndarray, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """Tensors for SequenceObjective: users `rows`, padded on the right.
 
         states (B, T, d) residual stream at the cut (with " Next: target" appended when L_gen is
         on), attention_mask (B, T), history_ids (B, T) item per history token (-1 elsewhere),
         readout_rows / readout_cols / readout_targets (R,) every dense readout, last_cols (B,)
         the last readout of each user, user_labels (B, T) (L_gen), rec_* (L_rec, built by
-        the objective from target_ids)."""
+        the objective from target_ids). With queries, query_* (one search example per user,
+        its cut drawn from `generator`; see `_query_examples`)."""
         rows = [int(r) for r in rows]
         device = model.device
         d = self.states[rows[0]].shape[1]
         gen = self.suffix_states is not None
         lengths = [
-            self.states[r].shape[0] + (self.suffix_states[r].shape[0] if gen else 0)
-            for r in rows
+            self.states[r].shape[0] + (self.suffix_states[r].shape[0] if gen else 0) for r in rows
         ]
         width = max(lengths)
         states = torch.zeros(len(rows), width, d)
@@ -176,8 +209,62 @@ class UserSequences:
             batch["user_labels"] = labels
         out: dict[str, Any] = {k: v.to(device) for k, v in batch.items()}
         out["rec_targets"] = [self.target_ids[r] for r in rows]
+        if self.queries is not None:
+            out.update(self._query_examples(model, rows, generator))
         return out
 
+    @torch.no_grad()
+    def _query_examples(
+        self, model: KarmaModel, rows: list[int], generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
+        """One search example per user: a cut c uniform in [1, n - 1], history x_1 .. x_c, the
+        query and target of x_{c+1}. The tokens after x_c (" Query: q <EMB>") run the frozen
+        lower layers against the cached key/values of the first P + c tokens (left-padded);
+        the residual stream entering the first trainable layer is the cached states of those
+        tokens followed by theirs. -> query_states (B, T, d), query_mask (B, T),
+        query_history_ids (B, T), query_emb_positions (B,) (<EMB>), query_targets (B,)."""
+        from transformers import DynamicCache
+
+        P, device = self.prefix_len, model.device
+        cuts, new_ids, targets = [], [], []
+        for r in rows:
+            seq = self.items[r]
+            cut = int(torch.randint(1, len(seq), (1,), generator=generator))
+            ids = model.prompt.user(self.queries[r][cut - 1], n_history=cut)[0]
+            cuts.append(cut)
+            new_ids.append(ids[P + cut :])  # everything after the last history token
+            targets.append(seq[cut])
+        past_len = P + max(cuts)
+        kv = torch.stack(
+            [
+                F.pad(self.lower_kv[r][..., : P + c, :], (0, 0, past_len - P - c, 0))
+                for r, c in zip(rows, cuts)
+            ]
+        ).to(device=device, dtype=torch.float32)  # (B, L, 2, h, past_len, hd), left-padded
+        past = DynamicCache(ddp_cache_data=[(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])])
+        ids, new_mask, _ = pad_sequences(new_ids, model.prompt.pad_id)
+        past_mask = torch.tensor([[0] * (past_len - P - c) + [1] * (P + c) for c in cuts])
+        lower = model.run_lower(
+            model.embed_tokens(ids.to(device)),
+            torch.cat([past_mask, new_mask], dim=1).to(device),
+            past=past,
+        )  # (B, N, d)
+        lengths = [P + c + len(n) for c, n in zip(cuts, new_ids)]
+        states = torch.zeros(len(rows), max(lengths), lower.shape[-1], device=device)
+        mask = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=device)
+        history_ids = torch.full(mask.shape, -1, dtype=torch.long, device=device)
+        for b, (r, c, n) in enumerate(zip(rows, cuts, new_ids)):
+            states[b, : P + c] = self.states[r][: P + c].to(device=device, dtype=torch.float32)
+            states[b, P + c : lengths[b]] = lower[b, : len(n)]
+            mask[b, : lengths[b]] = 1
+            history_ids[b, P : P + c] = torch.tensor(self.items[r][:c], device=device)
+        return {
+            "query_states": states,
+            "query_mask": mask,
+            "query_history_ids": history_ids,
+            "query_emb_positions": torch.tensor(lengths, device=device) - 1,
+            "query_targets": torch.tensor(targets, device=device),
+        }
 
 
 class SequenceObjective(nn.Module):
@@ -226,6 +313,9 @@ class SequenceObjective(nn.Module):
             ),
             "temperature": temperature.detach(),
         }
+        if "query_states" in batch:
+            out["query_act_loss"] = self._query_loss(batch, catalog_emb, temperature)
+            out["act_loss"] = (out["act_loss"] + out["query_act_loss"]) / 2
         zero = readout.new_zeros(())
         lm_head = model.base_lm.get_output_embeddings()
         out["gen_loss"] = zero
@@ -242,6 +332,18 @@ class SequenceObjective(nn.Module):
             out["act_loss"] + self.lambda_gen * out["gen_loss"] + self.lambda_rec * out["rec_loss"]
         )
         return out
+
+    def _query_loss(
+        self, batch: dict[str, torch.Tensor], catalog_emb: torch.Tensor, temperature: torch.Tensor
+    ) -> torch.Tensor:
+        """Catalog softmax of the search examples, read at <EMB> after the query."""
+        model = self.model
+        hidden = batch["query_states"]
+        if model.cfg.model.item_ids:
+            hidden = hidden + model.history_id_tokens(batch["query_history_ids"]).to(hidden.dtype)
+        hidden = model.run_from_layer(hidden, batch["query_mask"], model.cfg.model.freeze_layers)
+        user_emb = model.user_from_hidden(hidden, batch["query_emb_positions"])  # (B, k)
+        return self.catalog_loss(user_emb, catalog_emb, batch["query_targets"], temperature)
 
     def _rec_loss(self, user_emb: torch.Tensor, rec_targets: list[list[int]]) -> torch.Tensor:
         model = self.model
@@ -262,11 +364,17 @@ def _lower_states(
     items: list[list[int]],
     batch_size: int,
     progress: bool,
-) -> list[torch.Tensor]:
-    """The frozen lower layers over `<bos> History: x_1 .. x_{n-1}` of every user, by length."""
+    keep_kv: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The frozen lower layers over `<bos> History: x_1 .. x_{n-1}` of every user, by length:
+    per user the residual stream entering the first trainable layer (T, d), and with keep_kv
+    the lower layers' key/values (L, 2, h, T, hd), all bf16 on CPU."""
+    from transformers import DynamicCache
+
     prefix_emb = model.embed_tokens(torch.tensor([prefix], device=model.device))[0]  # (P, d)
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
     out: list[torch.Tensor | None] = [None] * len(items)
+    kv: list[torch.Tensor | None] = [None] * len(items)
     users_per_batch = max(1, batch_size // 16)
     starts = range(0, len(order), users_per_batch)
     for s in tqdm(starts, desc="cache lower layers", disable=not progress, leave=False):
@@ -279,10 +387,24 @@ def _lower_states(
             emb[b, : len(prefix)] = prefix_emb
             emb[b, len(prefix) : lengths[b]] = x_all[hist]
             mask[b, : lengths[b]] = 1
-        lower = model.run_lower(emb, mask)
+        past = DynamicCache() if keep_kv else None
+        lower = model.run_lower(emb, mask, past=past)
         for b, i in enumerate(idx):
             out[i] = lower[b, : lengths[b]].to(torch.bfloat16).cpu()
-    return out  # type: ignore[return-value]
+            if keep_kv:
+                kv[i] = (
+                    torch.stack(
+                        [
+                            torch.stack(
+                                (layer.keys[b, :, : lengths[b]], layer.values[b, :, : lengths[b]])
+                            )
+                            for layer in past.layers
+                        ]
+                    )
+                    .to(torch.bfloat16)
+                    .cpu()
+                )
+    return out, (kv if keep_kv else None)  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -303,6 +425,24 @@ def _suffix_states(
         position_ids = offsets + torch.arange(ids.shape[1], device=model.device)[None]
         lower = model.run_lower(model.embed_tokens(ids), mask, position_ids)
         out += [lower[b, : len(seq)].to(torch.bfloat16).cpu() for b, seq in enumerate(chunk)]
+    return out
+
+
+def _target_queries(train: Any, users: list[tuple[str, list[int]]]) -> list[list[str]]:
+    """Per user, the query of each readout target x_2 .. x_n: the queries of the user's last
+    n - 1 training examples, whose targets these items are (checked)."""
+    by_user: dict[str, list[int]] = {}
+    for row, user in enumerate(train.user_ids):
+        by_user.setdefault(user, []).append(row)
+    out = []
+    for user, seq in users:
+        rows = by_user.get(user, [])[-(len(seq) - 1) :]
+        if [int(train.targets[r]) for r in rows] != seq[1:]:
+            raise DataError(
+                f"user {user!r}: the training examples' targets do not match the training "
+                "sequence (prepared data out of date? run karma data prepare again)"
+            )
+        out.append([train.queries[r] for r in rows])
     return out
 
 

@@ -435,9 +435,9 @@ def _train(cfg: Config, resume: bool, dist: Any, monitor_factory: MonitorFactory
     def batch_at(micro: int) -> dict[str, torch.Tensor]:
         idx = batch_indices(n_examples, state.step, micro, tc.grad_accum, micro_global,
                             dist.rank, dist.world_size, tc.seed)
-        if sequences is not None:
-            return sequences.batch(model, idx)
         gen = _batch_generator(tc.seed, state.step, micro, dist.rank)
+        if sequences is not None:
+            return sequences.batch(model, idx, generator=gen)
         return _to_device(builder(train_split, idx, generator=gen), device)
 
     # history_source=cache: the cache is a persistent buffer of the model, so a resumed run gets

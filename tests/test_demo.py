@@ -17,7 +17,7 @@ def test_recipe_then_file_then_overrides(tmp_path):
     assert any(o.startswith("data.query_mode=") for o in GPU_RECIPE)
 
 
-def test_no_query_selects_the_sequence_recipe():
+def test_the_cpu_demo_trains_the_sequence_objective():
     from karma.sequence import check_sequence_config
 
     for cuda in (False, True):
@@ -25,14 +25,17 @@ def test_no_query_selects_the_sequence_recipe():
         assert cfg.train.objective == "sequence" and cfg.train.steps == 9  # overrides still win
         check_sequence_config(cfg)  # a recipe the sequence objective accepts
         assert cfg.train.device == ("cuda" if cuda else "cpu")
-    assert demo_config(None, [], cuda=False).train.objective == "prompt"
+    search = demo_config(None, [], cuda=False)  # the CPU default: the search setting
+    assert search.train.objective == "sequence" and search.data.query_mode == "genre"
+    check_sequence_config(search)
+    assert demo_config(None, [], cuda=True).train.objective == "prompt"
 
 
 def test_demo_on_tiny_model_writes_report(tmp_path):
     out = tmp_path / "demo"
     overrides = ["model.backbone=tiny-random", "model.emb_dim=32", "train.steps=3",
                  "train.eval_every=3", "train.save_every=3", "train.eval_users=30",
-                 "train.num_threads=1", "train.batch_size=8", "model.cache_refresh_steps=2"]
+                 "train.num_threads=1", "train.batch_size=8", "model.freeze_layers=1"]
     run_demo(None, overrides, out_dir=str(out))
     report = (out / "report.md").read_text()
     for name in ("popularity", "action_only", "karma", "hr@10", "ndcg@10", "mrr@10", "tie_break",

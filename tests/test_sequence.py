@@ -130,3 +130,71 @@ def test_batched_next_text_states_equal_one_user_at_a_time(tmp_path):
     for b, one, t in zip(batched, single, targets):
         assert b.shape == one.shape == (len(model.prompt.next_ids) + len(t), model.hidden_size)
         torch.testing.assert_close(b.float(), one.float(), atol=2e-2, rtol=2e-2)  # bf16 storage
+
+
+def test_search_examples_are_the_inference_prompt(tmp_path):
+    """With queries, each user also gives one search example per step, `History: x_1..x_c
+    Query: q <EMB>`, its query tokens run against the cached lower key/values: the objective's
+    readout of it equals encode_users on that history and query, and its query is the one of
+    x_{c+1}'s training example."""
+    from karma.checkpoint import load_model
+    from karma.data import load_prepared
+    from karma.inference import encode_catalog, encode_users
+    from karma.sequence import UserSequences
+    from karma.train import train
+
+    cfg = _cfg(
+        tmp_path, "data.query_mode=genre", "model.prompt_layout=history_first",
+        "train.objective=sequence", "model.readout=history", "model.history_source=cache",
+        "model.lora=true", "model.train_item_tower=false", "model.freeze_layers=1",
+        "loss.preset=action_only", "train.steps=3", "train.eval_every=0", "train.save_every=3",
+        "train.sequence_max_len=12",
+    )
+    run = train(cfg)
+    assert "query_act_loss" in (run / "log.jsonl").read_text()
+    model, cfg2 = load_model(run / "checkpoints" / "last")
+    data = load_prepared(cfg.data.prepared_dir)
+    seqs = UserSequences.build(model, data, cfg2, progress=False)
+    train_split = data.split("train")
+    pairs = set(zip(train_split.user_ids, train_split.targets.tolist(), train_split.queries))
+    valid_users = [u for u, s in zip(data.split("valid").user_ids, data.split("valid").seen)
+                   if len(s[-13:]) >= 2]
+    for user, seq, queries in zip(valid_users, seqs.items, seqs.queries):
+        assert len(queries) == len(seq) - 1
+        assert all((user, t, q) in pairs for t, q in zip(seq[1:], queries))
+
+    rows = np.arange(3)
+    batch = seqs.batch(model, rows, generator=torch.Generator().manual_seed(5))
+    draw = torch.Generator().manual_seed(5)  # the same cuts, drawn again
+    cuts = [int(torch.randint(1, len(seqs.items[r]), (1,), generator=draw)) for r in rows]
+    assert len(set(cuts)) > 1  # rows with pasts of different lengths (left padding) are covered
+    histories = [seqs.items[r][:c] for r, c in zip(rows, cuts)]
+    queries = [seqs.queries[r][c - 1] for r, c in zip(rows, cuts)]
+    assert batch["query_targets"].tolist() == [seqs.items[r][c] for r, c in zip(rows, cuts)]
+    with torch.no_grad():
+        hidden = model.run_from_layer(
+            batch["query_states"] + model.history_id_tokens(batch["query_history_ids"]),
+            batch["query_mask"],
+            cfg2.model.freeze_layers,
+        )
+        trained = model.user_from_hidden(hidden, batch["query_emb_positions"])
+    catalog = encode_catalog(model, data.items.texts, progress=False)
+    full = encode_users(model, histories, queries, catalog, data.items.texts)
+    assert all(queries)
+    assert torch.nn.functional.cosine_similarity(trained, full, dim=-1).min() > 0.999
+
+
+def test_sequence_objective_with_queries_needs_the_history_first_layout(tmp_path):
+    import pytest
+
+    from karma.config import ConfigError
+    from karma.sequence import check_sequence_config
+
+    cfg = _cfg(
+        tmp_path, "data.query_mode=genre", "train.objective=sequence", "model.readout=history",
+        "model.history_source=cache", "model.lora=true", "model.train_item_tower=false",
+    )
+    with pytest.raises(ConfigError, match="model.prompt_layout=history_first"):
+        check_sequence_config(cfg)
+    cfg.model.prompt_layout = "history_first"
+    check_sequence_config(cfg)
