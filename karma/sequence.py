@@ -121,11 +121,26 @@ class UserSequences:
         prefix = prompt.bos + prompt.history_first_ids
         x_all = model.history_proj(model.condition(model.history_cache))  # (N, d) history tokens
         key = _cache_key(cfg, prefix, x_all, items)
-        path = _cache_dir() / f"{key}.pt"
-        states = _cached(
-            path,
-            lambda: _lower_states(model, prefix, x_all, items, cfg.eval.batch_size, progress)[0],
-        )
+        path, kv_path = _cache_dir() / f"{key}.pt", _cache_dir() / f"{key}-kv.pt"
+        # with queries the lower layers' key/values are kept too (search examples), from the
+        # same pass
+        with_kv = cfg.data.query_mode != "none"
+        kv = None
+        if with_kv and not (path.exists() and kv_path.exists()):
+            states, kv = _lower_states(
+                model, prefix, x_all, items, cfg.eval.batch_size, progress, keep_kv=True
+            )
+            write_tensor_atomic(path, states)
+            write_tensor_atomic(kv_path, kv)
+        else:
+            states = _cached(
+                path,
+                lambda: _lower_states(model, prefix, x_all, items, cfg.eval.batch_size, progress)[
+                    0
+                ],
+            )
+            if with_kv:
+                kv = torch.load(kv_path, weights_only=True)
         lambda_gen, lambda_rec, _ = loss_weights(cfg.loss)
         target_ids = [prompt.target(data.items.texts[s[-1]]) for s in items]
         suffixes = None
@@ -138,15 +153,7 @@ class UserSequences:
                 _cache_dir() / f"{h.hexdigest()[:24]}-next.pt",
                 lambda: _suffix_states(model, target_ids, starts, cfg.eval.batch_size),
             )
-        queries = kv = None
-        if cfg.data.query_mode != "none":
-            queries = _target_queries(data.split("train"), users)
-            kv = _cached(
-                _cache_dir() / f"{key}-kv.pt",
-                lambda: _lower_states(
-                    model, prefix, x_all, items, cfg.eval.batch_size, progress, keep_kv=True
-                )[1],
-            )
+        queries = _target_queries(data.split("train"), users) if with_kv else None
         return cls(items, states, len(prefix), suffixes, target_ids, queries, kv)
 
     def item_frequency(self, n_items: int) -> torch.Tensor:
