@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/funnel_bench")
     ap.add_argument("--checkpoints", default="",
                     help="DIR with action_only/ and karma/ runs of the same recipe to reuse, e.g. "
-                    "runs/personalization/demo/genre (benchmarks/personalization.py)")
+                    "runs/personalization/prompt/genre (benchmarks/personalization.py)")
     ap.add_argument("--max-users", type=int, default=0)
     ap.add_argument("--train-window", type=int, default=10)
     ap.add_argument("--results", default="benchmarks/results/funnel_ml100k_cpu")

@@ -96,6 +96,17 @@ def rows() -> list[dict]:
                         chosen + [f"loss.preset={preset}"], default=True))
         out.append(_llm(f"demo/genre/{preset}", "demo", preset, "genre", "ml-100k", 0,
                         search + [f"loss.preset={preset}"], default=True))
+        if preset == "action_only":  # the search recipe with the no-query demo's history (50)
+            h50 = ["data.max_history=50", "train.sequence_max_len=50",
+                   f"data.prepared_dir={_prepared('ml-100k', 'genre', 50)}"]
+            keys = {o.split("=")[0] for o in h50}
+            base = [o for o in search if o.split("=")[0] not in keys] + h50
+            out.append(_llm("search-h50/genre/action_only", "search-h50", preset, "genre",
+                            "ml-100k", 0, base + [f"loss.preset={preset}"]))
+            base = [o for o in base if not o.startswith(("train.steps", "train.eval_every"))]
+            out.append(_llm("search-h50-400/genre/action_only", "search-h50-400", preset,
+                            "genre", "ml-100k", 0, base + ["train.steps=400",
+                            "train.eval_every=400", f"loss.preset={preset}"]))
         # the search setting's demo before issue 10: the prompt recipe
         out.append(_llm(f"prompt/genre/{preset}", "prompt", preset, "genre", "ml-100k", 0,
                         prompt + [f"loss.preset={preset}"]))
@@ -211,9 +222,14 @@ def write_report(results: list[dict], out: Path) -> None:
     lines += ["", "Rows: `ablation/*` share one budget (100 steps x 16, action_only, no query, "
               "seed 0; a sequence-objective batch is 16 users with a readout at every history "
               "position); "
-              "`demo/*` are the recipes of `karma demo` (no query: 400 steps x 16 users; genre "
-              "queries: 100 steps x 16 prompts); `default` marks the chosen recipe. Wall seconds "
-              "are training plus evaluation on a CPU shared with other jobs: upper bounds.", "",
+              "`demo/*` are the recipes of `karma demo` (no query: 400 steps x 16 users, history "
+              "50; genre queries: 200 steps x 16 users, each with one search example, history "
+              "20); `search-h50` is the genre recipe with history 50 (`-400`: 400 steps); "
+              "`prompt/genre/*` the search demo before issue 10 (prompt objective, 100 steps x "
+              "16 prompts, history 10); `default` marks the chosen recipes. Wall seconds are "
+              "training plus evaluation on a CPU shared with other jobs: upper bounds.", ""]
+    lines += [f"- {r['id']}: {r['note']}" for r in results if r.get("note")]
+    lines += ["",
               f"![own vs other history]({out.name}.png)", ""]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(results, out.with_suffix(".png"))

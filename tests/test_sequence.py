@@ -53,6 +53,15 @@ def test_id_dropout_never_touches_cold_items_and_is_off_in_eval(tmp_path):
     assert rows[cold].abs().sum() == 0 and bool((rows[~cold] == 1).all())
 
 
+@torch.no_grad()
+def _top_readout(model, states, history_ids, mask, positions):
+    """u read at `positions` after the trainable top layers, from lower states and item IDs."""
+    hidden = model.run_from_layer(
+        states + model.history_id_tokens(history_ids), mask, model.cfg.model.freeze_layers
+    )
+    return model.user_from_hidden(hidden, positions)
+
+
 def test_sequence_objective_trains_and_its_readout_is_the_inference_path(tmp_path):
     from karma.checkpoint import load_model
     from karma.data import load_prepared
@@ -73,13 +82,8 @@ def test_sequence_objective_trains_and_its_readout_is_the_inference_path(tmp_pat
     data = load_prepared(cfg.data.prepared_dir)
     seqs = UserSequences.build(model, data, cfg2, progress=False)
     batch = seqs.batch(model, np.arange(3))
-    with torch.no_grad():
-        hidden = model.run_from_layer(
-            batch["states"] + model.history_id_tokens(batch["history_ids"]),
-            batch["attention_mask"],
-            cfg2.model.freeze_layers,
-        )
-        cached = model.user_from_hidden(hidden, batch["last_cols"])
+    cached = _top_readout(model, batch["states"], batch["history_ids"], batch["attention_mask"],
+                          batch["last_cols"])
     catalog = encode_catalog(model, data.items.texts, progress=False)
     histories = [seqs.items[r][:-1] for r in range(3)]
     full = encode_users(model, histories, [""] * 3, catalog, data.items.texts)
@@ -171,13 +175,8 @@ def test_search_examples_are_the_inference_prompt(tmp_path):
     histories = [seqs.items[r][:c] for r, c in zip(rows, cuts)]
     queries = [seqs.queries[r][c - 1] for r, c in zip(rows, cuts)]
     assert batch["query_targets"].tolist() == [seqs.items[r][c] for r, c in zip(rows, cuts)]
-    with torch.no_grad():
-        hidden = model.run_from_layer(
-            batch["query_states"] + model.history_id_tokens(batch["query_history_ids"]),
-            batch["query_mask"],
-            cfg2.model.freeze_layers,
-        )
-        trained = model.user_from_hidden(hidden, batch["query_emb_positions"])
+    trained = _top_readout(model, batch["query_states"], batch["query_history_ids"],
+                           batch["query_mask"], batch["query_emb_positions"])
     catalog = encode_catalog(model, data.items.texts, progress=False)
     full = encode_users(model, histories, queries, catalog, data.items.texts)
     assert all(queries)
