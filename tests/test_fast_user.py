@@ -143,3 +143,22 @@ def test_user_cache_is_bounded() -> None:
     for u in range(5):
         enc.encode([[u, u + 1]], [""], [f"u{u}"])
     assert len(enc.users) == 2 and enc.users.get("u0") is None and enc.users.get("u4") is not None
+
+
+def test_fast_matches_plain_for_the_search_demo_checkpoint() -> None:
+    """The CPU demo's search recipe serves with a history readout (no query: u at the last
+    history token, with one: at <EMB> after it), hybrid item IDs and a frozen lower part."""
+    def ids(model):
+        model.init_item_ids(30, torch.arange(30) < 25)
+        with torch.no_grad():
+            model.history_id_emb.normal_()
+            model.item_id_emb.normal_()
+
+    model, catalog, texts = build(
+        "continuous", "history_first", "model.readout=history", "model.item_ids=true",
+        "model.lora=true", "model.freeze_layers=1", "model.train_item_tower=false",
+        "model.item_norm=standardize", prepare=ids,
+    )
+    enc = FastUserEncoder(model, catalog, texts)
+    for history, query in CASES[:-1] + [([26, 3], "horror"), ([26, 3], "")]:  # 26: a cold item
+        assert_parity(model, catalog, texts, enc, [history], [query], ["u1"])
