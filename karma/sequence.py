@@ -125,20 +125,19 @@ class UserSequences:
         # with queries the lower layers' key/values are kept too (search examples), from the
         # same pass
         with_kv = cfg.data.query_mode != "none"
+
+        def lower_pass(keep_kv: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+            return _lower_states(
+                model, prefix, x_all, items, cfg.eval.batch_size, progress, keep_kv
+            )
+
         kv = None
         if with_kv and not (path.exists() and kv_path.exists()):
-            states, kv = _lower_states(
-                model, prefix, x_all, items, cfg.eval.batch_size, progress, keep_kv=True
-            )
+            states, kv = lower_pass(keep_kv=True)
             write_tensor_atomic(path, states)
             write_tensor_atomic(kv_path, kv)
         else:
-            states = _cached(
-                path,
-                lambda: _lower_states(model, prefix, x_all, items, cfg.eval.batch_size, progress)[
-                    0
-                ],
-            )
+            states = _cached(path, lambda: lower_pass(keep_kv=False)[0])
             if with_kv:
                 kv = torch.load(kv_path, weights_only=True)
         lambda_gen, lambda_rec, _ = loss_weights(cfg.loss)
@@ -399,18 +398,9 @@ def _lower_states(
         for b, i in enumerate(idx):
             out[i] = lower[b, : lengths[b]].to(torch.bfloat16).cpu()
             if keep_kv:
-                kv[i] = (
-                    torch.stack(
-                        [
-                            torch.stack(
-                                (layer.keys[b, :, : lengths[b]], layer.values[b, :, : lengths[b]])
-                            )
-                            for layer in past.layers
-                        ]
-                    )
-                    .to(torch.bfloat16)
-                    .cpu()
-                )
+                n = lengths[b]
+                pairs = [torch.stack((k.keys[b, :, :n], k.values[b, :, :n])) for k in past.layers]
+                kv[i] = torch.stack(pairs).to(torch.bfloat16).cpu()  # (L, 2, h, n, hd)
     return out, (kv if keep_kv else None)  # type: ignore[return-value]
 
 
