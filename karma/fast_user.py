@@ -32,7 +32,6 @@ inference API (karma/inference.py) re-points a handful of functions.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
@@ -40,6 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from karma.model import cache_keyword
 
 # ---- adapter: every call into KarmaModel lives here -------------------------------------------
 
@@ -124,12 +125,6 @@ def _item_hidden(catalog: Any) -> torch.Tensor:
 
 
 # ---- key/value caches ------------------------------------------------------------------------
-
-
-def _cache_keyword(decoder: torch.nn.Module) -> str:
-    """transformers >= 5.24 calls the KV cache argument `cache` (`past_key_values` before)."""
-    params = inspect.signature(type(decoder).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass
@@ -218,7 +213,7 @@ class FastUserEncoder:
         self.catalog = catalog
         self.item_texts = item_texts
         self.decoder = _decoder(model)
-        self.cache_kw = _cache_keyword(self.decoder)
+        self.cache_kw = cache_keyword(self.decoder)
         self.hist_id = _hist_token_id(model)
         self.users = LRU(max_cached_users)
         self.shared = LRU(max_shared_prefixes)

@@ -14,7 +14,6 @@ Evaluation, analysis, the training loop's validation and serving all use this mo
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from karma.atomic import write_tensor_atomic
 from karma.batching import collate_user_prompts, history_id_map, pad_sequences
 from karma.distributed import gather_no_grad
 from karma.errors import KarmaError
-from karma.model import KarmaModel
+from karma.model import KarmaModel, cache_keyword
 
 
 @dataclass
@@ -257,16 +256,6 @@ def refresh_history_cache(
     model.set_item_statistics(hidden)
 
 
-def _cache_keyword(backbone: torch.nn.Module) -> str:
-    """transformers >= 5.24 calls the KV cache argument `cache` (`past_key_values` before)."""
-    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone  # peft
-    return (
-        "cache"
-        if "cache" in inspect.signature(type(base).forward).parameters
-        else ("past_key_values")
-    )
-
-
 @torch.no_grad()
 def greedy_decode(
     backbone: torch.nn.Module,
@@ -284,7 +273,7 @@ def greedy_decode(
     """
     embed = embed or backbone.get_input_embeddings()
     B = prefix_embeds.shape[0]
-    cache_kw = _cache_keyword(backbone)
+    cache_kw = cache_keyword(backbone)
     out = backbone(inputs_embeds=prefix_embeds, use_cache=True)
     cache, logits = getattr(out, cache_kw), out.logits[:, -1]  # (B, V)
     tokens: list[list[int]] = [[] for _ in range(B)]

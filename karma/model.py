@@ -23,6 +23,7 @@ train.
 from __future__ import annotations
 
 import copy
+import inspect
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -35,6 +36,14 @@ from karma.config import Config, ConfigError
 from karma.errors import KarmaError
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def cache_keyword(module: nn.Module) -> str:
+    """The KV-cache argument of a Hugging Face decoder or causal LM (peft-wrapped or not):
+    transformers >= 5.24 calls it `cache`, earlier versions `past_key_values`."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft
+    params = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -257,12 +266,9 @@ class KarmaModel(nn.Module):
         if position_ids is None:
             T = inputs_embeds.shape[1]
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        span = _decoder_span(self.base_lm.get_decoder(), 0, cut, final_norm=False)
-        kwargs = {}
-        if past is not None:
-            from karma.inference import _cache_keyword
-
-            kwargs = {_cache_keyword(self.backbone): past}
+        decoder = self.base_lm.get_decoder()
+        span = _decoder_span(decoder, 0, cut, final_norm=False)
+        kwargs = {cache_keyword(decoder): past} if past is not None else {}
         out = span(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
