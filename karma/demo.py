@@ -78,10 +78,10 @@ SEQUENCE_CPU_RECIPE = [
 ]
 # With a query (the search setting, the demo's default) the same recipe also trains one search
 # example per user and step, `History: x_1..x_c Query: q <EMB>` (karma/sequence.py), so one
-# checkpoint serves search and recommendation. History 20 and 200 steps keep `make demo` (two
-# trainings, two evaluations of 943 users with their own and another user's history) within 20
-# minutes on 2 cores. With the prompt recipe above the search models ignored the history
-# (another user's history changed HR@10 by +0%).
+# checkpoint serves search and recommendation. History 20 and 200 steps hold `make demo` (two
+# trainings, two evaluations of 943 users with their own and another user's history) near 20
+# minutes on 2 cores (21 min on the AMD EPYC, benchmarks/results/demo_cpu.md). With the prompt
+# recipe above the search models ignored the history (another user's history: +0% HR@10).
 SEARCH_CPU_RECIPE = [o for o in SEQUENCE_CPU_RECIPE if o.split("=")[0] not in (
     "data.query_mode", "data.max_history", "train.sequence_max_len", "train.steps",
     "train.eval_every")] + [
