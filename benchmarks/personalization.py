@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from karma.demo import CPU_RECIPE, SEARCH_CPU_RECIPE, SEQUENCE_CPU_RECIPE
+from karma.demo import CPU_RECIPE, SEARCH_CPU_RECIPE, SEQUENCE_CPU_RECIPE, with_overrides
 
 ROOT = Path("runs/personalization")
 ABLATION_STEPS = 100
@@ -67,10 +67,10 @@ def _prepared(dataset: str, query_mode: str, max_history: int) -> str:
 
 
 def rows() -> list[dict]:
-    today = [o for o in CPU_RECIPE if not o.startswith("data.query_mode")]
-    today += ["data.query_mode=none", f"data.prepared_dir={_prepared('ml-100k', 'none', 10)}"]
-    chosen = [o for o in SEQUENCE_CPU_RECIPE if not o.startswith("data.prepared_dir")]
-    chosen += [f"data.prepared_dir={_prepared('ml-100k', 'none', 50)}"]
+    today = with_overrides(CPU_RECIPE, "data.query_mode=none",
+                           f"data.prepared_dir={_prepared('ml-100k', 'none', 10)}")
+    chosen = with_overrides(SEQUENCE_CPU_RECIPE,
+                            f"data.prepared_dir={_prepared('ml-100k', 'none', 50)}")
     budget = [f"train.steps={ABLATION_STEPS}", "train.batch_size=16", "loss.preset=action_only",
               f"train.eval_every={ABLATION_STEPS}", f"train.save_every={ABLATION_STEPS}",
               "train.eval_users=200", "train.seed=0"]
@@ -89,24 +89,21 @@ def rows() -> list[dict]:
         for name, base, extra in ablation
     ]
     search = SEARCH_CPU_RECIPE + [f"data.prepared_dir={_prepared('ml-100k', 'genre', 20)}"]
-    prompt = [o for o in CPU_RECIPE if not o.startswith("data.query_mode")]
-    prompt += ["data.query_mode=genre", f"data.prepared_dir={_prepared('ml-100k', 'genre', 10)}"]
+    prompt = with_overrides(CPU_RECIPE, "data.query_mode=genre",
+                            f"data.prepared_dir={_prepared('ml-100k', 'genre', 10)}")
     for preset in ("action_only", "karma"):
         out.append(_llm(f"demo/none/{preset}", "demo", preset, "none", "ml-100k", 0,
                         chosen + [f"loss.preset={preset}"], default=True))
         out.append(_llm(f"demo/genre/{preset}", "demo", preset, "genre", "ml-100k", 0,
                         search + [f"loss.preset={preset}"], default=True))
         if preset == "action_only":  # the search recipe with the no-query demo's history (50)
-            h50 = ["data.max_history=50", "train.sequence_max_len=50",
-                   f"data.prepared_dir={_prepared('ml-100k', 'genre', 50)}"]
-            keys = {o.split("=")[0] for o in h50}
-            base = [o for o in search if o.split("=")[0] not in keys] + h50
+            h50 = with_overrides(search, "data.max_history=50", "train.sequence_max_len=50",
+                                 f"data.prepared_dir={_prepared('ml-100k', 'genre', 50)}")
             out.append(_llm("search-h50/genre/action_only", "search-h50", preset, "genre",
-                            "ml-100k", 0, base + [f"loss.preset={preset}"]))
-            base = [o for o in base if not o.startswith(("train.steps", "train.eval_every"))]
+                            "ml-100k", 0, h50 + [f"loss.preset={preset}"]))
+            h50_400 = with_overrides(h50, "train.steps=400", "train.eval_every=400")
             out.append(_llm("search-h50-400/genre/action_only", "search-h50-400", preset,
-                            "genre", "ml-100k", 0, base + ["train.steps=400",
-                            "train.eval_every=400", f"loss.preset={preset}"]))
+                            "genre", "ml-100k", 0, h50_400 + [f"loss.preset={preset}"]))
         # the search setting's demo before issue 10: the prompt recipe
         out.append(_llm(f"prompt/genre/{preset}", "prompt", preset, "genre", "ml-100k", 0,
                         prompt + [f"loss.preset={preset}"]))

@@ -22,6 +22,14 @@ from typing import Any
 
 from karma.config import Config, load_config
 
+
+def with_overrides(recipe: list[str], *changes: str) -> list[str]:
+    """`recipe` (a list of `key=value` overrides) with every key of `changes` replaced: the
+    entries it had for those keys are dropped and `changes` appended in order."""
+    keys = {c.split("=", 1)[0] for c in changes}
+    return [o for o in recipe if o.split("=", 1)[0] not in keys] + list(changes)
+
+
 # The prompt recipe, the CPU demo's until issue 10 and still the base of benchmarks/funnel.py and
 # shop_experiment.py (docs/decisions.md, "CPU demo recipe"): LoRA, a short history, few steps.
 # Its search models do not read the history (docs/decisions.md, "Personalization").
@@ -82,16 +90,15 @@ SEQUENCE_CPU_RECIPE = [
 # trainings, two evaluations of 943 users with their own and another user's history) near 20
 # minutes on 2 cores (21 min on the AMD EPYC, benchmarks/results/demo_cpu.md). With the prompt
 # recipe above the search models ignored the history (another user's history: +0% HR@10).
-SEARCH_CPU_RECIPE = [o for o in SEQUENCE_CPU_RECIPE if o.split("=")[0] not in (
-    "data.query_mode", "data.max_history", "train.sequence_max_len", "train.steps",
-    "train.eval_every")] + [
+SEARCH_CPU_RECIPE = with_overrides(
+    SEQUENCE_CPU_RECIPE,
     "data.query_mode=genre",
     "model.prompt_layout=history_first",
     "data.max_history=20",
     "train.sequence_max_len=20",
     "train.steps=200",
     "train.eval_every=200",
-]
+)
 # On a CUDA GPU the same command trains the full model on full histories for many more steps.
 GPU_RECIPE = [
     "model.backbone=smollm2-135m",

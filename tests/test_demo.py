@@ -2,7 +2,7 @@
 
 import json
 
-from karma.demo import CPU_RECIPE, GPU_RECIPE, demo_config, run_demo
+from karma.demo import CPU_RECIPE, GPU_RECIPE, demo_config, run_demo, with_overrides
 
 
 def test_recipe_then_file_then_overrides(tmp_path):
@@ -51,3 +51,9 @@ def test_demo_on_tiny_model_writes_report(tmp_path):
     mtime = (out / "karma" / "train_summary.json").stat().st_mtime
     run_demo(None, overrides, out_dir=str(out))
     assert (out / "karma" / "train_summary.json").stat().st_mtime == mtime
+
+
+def test_with_overrides_replaces_each_key_once_in_order():
+    recipe = ["a=1", "b=2", "c=x=y"]
+    assert with_overrides(recipe, "b=9", "d=4") == ["a=1", "c=x=y", "b=9", "d=4"]
+    assert with_overrides(recipe) == recipe and recipe == ["a=1", "b=2", "c=x=y"]
