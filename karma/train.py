@@ -52,7 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from karma import distributed
-from karma.atomic import ensure_output_dir, write_json_atomic
+from karma.atomic import check_output_dir, ensure_output_dir, write_json_atomic
 from karma.checkpoint import load_checkpoint, save_checkpoint
 from karma.config import Config, config_to_dict, load_config, save_config
 from karma.errors import DataError, KarmaError
@@ -186,7 +186,7 @@ def _check_resume_config(saved: Config, cfg: Config, ckpt_dir: Path) -> None:
 # ---- setup -------------------------------------------------------------------------------------
 
 
-def _setup_run_dir(run_dir: Path, resume: bool) -> None:
+def _setup_run_dir(run_dir: Path, resume: bool, is_main: bool) -> None:
     last = run_dir / "checkpoints" / "last"
     if resume and not (last / "state.pt").exists():
         raise KarmaError(f"--resume: no checkpoint at {last}")
@@ -196,8 +196,13 @@ def _setup_run_dir(run_dir: Path, resume: bool) -> None:
             f"it or set train.output_dir to a new directory"
         )
     # Claimed before any work (and before data.prepared_dir may be created inside it); never a
-    # folder of the user's own.
-    ensure_output_dir(run_dir, "train.output_dir")
+    # folder of the user's own. Every rank checks before rank 0 claims it: a rank checking while
+    # another was writing the marker saw a non-empty unmarked folder and refused it.
+    check_output_dir(run_dir, "train.output_dir")
+    distributed.barrier()
+    if is_main:
+        ensure_output_dir(run_dir, "train.output_dir")
+    distributed.barrier()
 
 
 def _setup_objective(cfg: Config, dist: Any, data: Any) -> tuple[Any, nn.Module, Any]:
@@ -377,7 +382,7 @@ def _train(cfg: Config, resume: bool, dist: Any, monitor_factory: MonitorFactory
         from karma.sequence import check_sequence_config
 
         check_sequence_config(cfg)
-    _setup_run_dir(run_dir, resume)
+    _setup_run_dir(run_dir, resume, dist.is_main)
     data = load_or_prepare(cfg, is_main=dist.is_main)
     cfg = resolve_image_dim(cfg, data)  # before the model, the resume check and config.yaml
     image_features = data.model_image_features(cfg.model.image_dim)
