@@ -9,7 +9,7 @@ Every row runs the same CLI a user would (`karma train` then `karma eval` on the
 or `karma baseline`), keeps its output under runs/personalization/<row id>/ and its figures in
 row.json there, so an interrupted benchmark resumes at the first unfinished row. The report
 (`benchmarks/results/personalization_<device>.md` and `.json`) is rewritten from every finished
-row after each one.
+row after each one; a row not run on this machine keeps its record from the published JSON.
 
 Rows:
 - ablation: ML-100K without a query, `action_only`, seed 0, the same budget per row (steps x
@@ -276,10 +276,15 @@ def main() -> None:
     if not args.report:
         for r in selected:
             run_row(r)
+    # A row finished on another machine (runs/ is not committed) keeps its published record.
+    out_json = Path(args.out).with_suffix(".json")
+    published = ({r["id"]: r for r in json.loads(out_json.read_text())}
+                 if out_json.exists() else {})
     finished = []
     for r in rows():
-        if (ROOT / r["id"] / "row.json").exists():
-            result = json.loads((ROOT / r["id"] / "row.json").read_text())
+        done = ROOT / r["id"] / "row.json"
+        result = json.loads(done.read_text()) if done.exists() else published.get(r["id"])
+        if result is not None:
             result["default"] = r["default"]  # the current choice, not the one when it ran
             finished.append(result)
     write_report(finished, Path(args.out))
