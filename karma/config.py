@@ -202,6 +202,9 @@ class BaselineConfig:
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     text_batch_size: int = 64  # frozen / minilm text encoding batch
     minilm_history: int = 0  # minilm: most recent history titles appended to the user text
+    # popularity / sasrec with a query: rank only the items whose categories include every
+    # category the query names (a genre query's filter), the query-aware ID baseline
+    query_filter: bool = False
 
 
 @dataclass

@@ -171,6 +171,7 @@ def evaluate_embeddings(
     show_progress: bool = True,
     cold: np.ndarray | None = None,
     other_user_emb: np.ndarray | torch.Tensor | None = None,
+    item_filter: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Rank the full catalog for every user by `user_emb @ item_emb.T` and compute the metrics.
 
@@ -180,7 +181,8 @@ def evaluate_embeddings(
     support uses `torch_topk_search` instead. `protocol` adds fields (checkpoint, method, ...).
     cold (U,) bool adds a "cold" column: the primary setting on those rows only (see
     `cold_rows`); other_user_emb (U, k) adds "other history": the primary setting scored with
-    embeddings built from another user's history (the personalization check).
+    embeddings built from another user's history (the personalization check). item_filter (U
+    lists of item_idx) removes those items in every setting (a query filter; never the target).
     """
     import faiss
 
@@ -190,6 +192,12 @@ def evaluate_embeddings(
     # one more than max(ks): the pessimistic tie rule is then exact at every K (karma/metrics.py)
     k_fetch = max(ks) + 1
     exclude = _exclude_lists(seen, targets)
+    unmasked: list | None = None
+    if item_filter is not None:
+        if len(item_filter) != n_users:
+            raise KarmaError(f"item_filter has {len(item_filter)} lists for {n_users} users")
+        unmasked = _exclude_lists(item_filter, targets)
+        exclude = [sorted(set(e) | set(f)) for e, f in zip(exclude, unmasked)]
     use_torch = (
         cfg.eval.index == "exact"
         and torch.cuda.is_available()
@@ -214,7 +222,7 @@ def evaluate_embeddings(
                 show_progress=show_progress,
             )
     metrics, ranked = {}, {}
-    for name, excl in (("masked", exclude), ("unmasked", None)):
+    for name, excl in (("masked", exclude), ("unmasked", unmasked)):
         scores, ids = ranked[name] = rank(user_emb, excl)
         metrics[name] = compute_metrics(ids, targets, ks, scores=scores)
     primary = "masked" if cfg.eval.mask_history else "unmasked"
@@ -228,7 +236,7 @@ def evaluate_embeddings(
                 np.asarray(ids)[rows], targets[rows], ks, scores=np.asarray(scores)[rows]
             )
     if other_user_emb is not None:
-        scores, ids = rank(other_user_emb, exclude if primary == "masked" else None)
+        scores, ids = rank(other_user_emb, exclude if primary == "masked" else unmasked)
         metrics["other history"] = compute_metrics(ids, targets, ks, scores=scores)
     full_protocol = base_protocol(
         cfg, n_users, n_items, index=index_info, **extra, **(protocol or {})

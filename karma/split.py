@@ -83,6 +83,12 @@ def synthesize_query(
     return " ".join(words) or "items"
 
 
+def query_categories(query: str, vocabulary: set[str]) -> set[str]:
+    """The categories a query names: its words that are (lowercased) category names, the inverse
+    of `synthesize_query` for single-word categories (every MovieLens genre)."""
+    return {w for w in query.lower().split() if w in vocabulary}
+
+
 # ---------------------------------------------------------------------------------------------
 # Split
 

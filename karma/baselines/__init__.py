@@ -14,9 +14,11 @@ are comparable: full catalog, leave-one-out, pessimistic ties, seen items masked
 - minilm: all-MiniLM-L6-v2 text retrieval, query text against item text (`minilm.py`).
 
 ID baselines (popularity, sasrec) ignore the query, so their numbers are the same in the query and
-no-query settings. `protocol.training_sequences` rebuilds each user's full chronological training
-sequence from the prepared train examples (first history + every target), which the 20-item
-history cap would otherwise hide.
+no-query settings, unless `baseline.query_filter=true`: then they rank only the items whose
+categories include every category the query names (genre popularity; SASRec within the genre).
+`protocol.training_sequences` rebuilds each user's full chronological training sequence from the
+prepared train examples (first history + every target), which the 20-item history cap would
+otherwise hide.
 """
 
 from __future__ import annotations
@@ -26,36 +28,44 @@ from collections.abc import Callable
 from pathlib import Path
 
 from karma.atomic import write_json_atomic
-from karma.baselines.protocol import evaluate_split, split_sequences
+from karma.baselines.protocol import evaluate_split, query_filter, split_sequences
 from karma.config import Config
 from karma.errors import KarmaError
 
 BASELINES = ("popularity", "sasrec", "frozen", "minilm")
 
 
+# Each embedder returns (user_emb, item_emb, other_user_emb): the last from another user's
+# history (`eval.other_history`, the seeded permutation of `karma eval`), None where not built.
 def _embed_popularity(data, cfg: Config, examples, out_dir: Path):
     from karma.baselines.popularity import popularity_counts, popularity_embeddings
 
-    return popularity_embeddings(popularity_counts(data), len(examples))
+    return *popularity_embeddings(popularity_counts(data), len(examples)), None
 
 
 def _embed_sasrec(data, cfg: Config, examples, out_dir: Path):
     from karma.baselines.sasrec import encode_sasrec, train_sasrec
+    from karma.evaluate import other_histories
 
     model, _ = train_sasrec(data, cfg, log_path=out_dir / "log.jsonl")
-    return encode_sasrec(model, split_sequences(data, examples, cfg.eval.split))
+    sequences = split_sequences(data, examples, cfg.eval.split)
+    user_emb, item_emb = encode_sasrec(model, sequences)
+    other = None
+    if cfg.eval.other_history:
+        other, _ = encode_sasrec(model, [sequences[j] for j in other_histories(examples)])
+    return user_emb, item_emb, other
 
 
 def _embed_frozen(data, cfg: Config, examples, out_dir: Path):
     from karma.baselines.frozen import encode_frozen
 
-    return encode_frozen(data, examples, cfg)
+    return *encode_frozen(data, examples, cfg), None
 
 
 def _embed_minilm(data, cfg: Config, examples, out_dir: Path):
     from karma.baselines.minilm import encode_minilm
 
-    return encode_minilm(data, examples, cfg)
+    return *encode_minilm(data, examples, cfg), None
 
 
 _EMBEDDERS: dict[str, Callable] = {
@@ -84,7 +94,17 @@ def run_baseline(name: str, cfg: Config, out_dir: str | Path | None = None) -> d
     # the same seeded user sample as `karma eval` when eval.max_users is set
     examples = select_users(data.split(cfg.eval.split), cfg.eval.max_users)
     t0 = time.perf_counter()
-    user_emb, item_emb = _EMBEDDERS[name](data, cfg, examples, out_dir)
+    user_emb, item_emb, other = _EMBEDDERS[name](data, cfg, examples, out_dir)
+    protocol = {}
+    item_filter = None
+    if cfg.baseline.query_filter:
+        if name not in ("popularity", "sasrec"):
+            raise KarmaError(f"baseline.query_filter: for popularity and sasrec, not {name}")
+        item_filter = query_filter(data, examples)
+        if item_filter is not None:
+            protocol["query_filter"] = "only items with every category the query names"
+    if other is not None:
+        protocol["other_history"] = "seeded permutation of the users' histories (seed 0)"
     results = evaluate_split(
         user_emb,
         item_emb,
@@ -92,8 +112,11 @@ def run_baseline(name: str, cfg: Config, out_dir: str | Path | None = None) -> d
         cfg,
         method=name,
         cold=cold_rows(data, examples, cfg.eval.cold_threshold),
+        other_user_emb=other,
+        item_filter=item_filter,
         prepared_dir=cfg.data.prepared_dir,
         seconds=round(time.perf_counter() - t0, 1),
+        **protocol,
     )
     print(format_metrics_table(results))
     write_json_atomic(out_dir / "metrics.json", results)

@@ -3,6 +3,7 @@
     sequences = training_sequences(data)                     # user_id -> items, oldest first
     inputs = split_sequences(data, data.split("test"), "test")
     results = evaluate_split(user_emb, item_emb, examples, cfg, method="sasrec")
+    hidden = query_filter(data, examples)   # per example, items lacking a category of its query
 
 Kept apart from `karma/baselines/__init__.py` so that the baseline modules import it without
 importing their own package's front door (which imports them).
@@ -58,16 +59,41 @@ def split_sequences(data, examples, split: str) -> list[list[int]]:
     return out
 
 
+def query_filter(data, examples) -> list[list[int]] | None:
+    """Per example, the items that lack a category its query names (`baseline.query_filter`):
+    an ID baseline that ranks only the items matching a genre query is the query-aware baseline
+    of the search setting. None when no example has a query. The target always matches a
+    synthesized query (its categories are drawn from the target's), so it is never hidden."""
+    from karma.split import query_categories
+
+    if not any(examples.queries):
+        return None
+    cats = [{c.strip().lower() for c in (cs or []) if c and c.strip()}
+            for cs in data.items.categories]
+    vocabulary = set().union(*cats)
+    hidden: dict[frozenset, list[int]] = {}
+    out = []
+    for query in examples.queries:
+        wanted = frozenset(query_categories(query, vocabulary))
+        if wanted not in hidden:
+            hidden[wanted] = [i for i, c in enumerate(cats) if not wanted <= c]
+        out.append(hidden[wanted])
+    return out
+
+
 def evaluate_split(
     user_emb: np.ndarray,
     item_emb: np.ndarray,
     examples,
     cfg: Config,
     cold: np.ndarray | None = None,
+    other_user_emb: np.ndarray | None = None,
+    item_filter: list[list[int]] | None = None,
     **protocol,
 ) -> dict:
     """Quiet `karma.evaluate.evaluate_embeddings` (scores = user_emb @ item_emb.T, as given);
-    `cold` (U,) bool adds the cold-item column (`karma.evaluate.cold_rows`)."""
+    `cold` (U,) bool adds the cold-item column (`karma.evaluate.cold_rows`), other_user_emb the
+    other-history column, item_filter (per example, items never ranked) a query filter."""
     from karma.evaluate import evaluate_embeddings
 
     return evaluate_embeddings(
@@ -79,6 +105,8 @@ def evaluate_split(
         print_table=False,
         show_progress=False,
         cold=cold,
+        other_user_emb=other_user_emb,
+        item_filter=item_filter,
     )
 
 
