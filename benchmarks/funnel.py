@@ -3,6 +3,7 @@ demo recipe (karma/demo.py CPU_RECIPE), then `karma funnel` over both.
 
     PYTHONPATH=. python benchmarks/funnel.py --steps 100            # trains both, then the funnel
     PYTHONPATH=. python benchmarks/funnel.py --steps 100 --max-users 300 --train-window 5
+    PYTHONPATH=. python benchmarks/funnel.py --checkpoints runs/demo --max-users 300   # make demo's
 
 A finished training run in --runs is reused. Writes benchmarks/results/funnel_ml100k_cpu.md
 (+ .json + .png) with the machine, the recipe, the wall times and the table.
@@ -72,12 +73,17 @@ def main() -> None:
     walls["funnel"] = round(time.time() - t, 1)
     dest = Path(args.results)
     shutil.copyfile(runs / "funnel" / "funnel.png", dest.with_suffix(".png"))
+    if args.checkpoints:  # their recipe is the one they were trained with, not CPU_RECIPE
+        recipe = [f"see {source / p / 'config.yaml'}" for p in PRESETS]
+        trained = f"checkpoints from {source} (recipe in their config.yaml)"
+    else:
+        trained = (f"Recipe: karma/demo.py CPU_RECIPE with train.steps={args.steps} "
+                   f"(SmolLM2-135M, LoRA); checkpoints from {source}")
     results["benchmark"] = {"machine": f"{cpu_name()}, {torch.get_num_threads()} threads (CPU)",
                             "recipe": recipe, "wall_s": walls, "command": vars(args)}
     dest.with_suffix(".json").write_text(json.dumps(results, indent=1))
     md = format_markdown(results).replace("(funnel.png)", f"({dest.with_suffix('.png').name})")
-    head = (f"Machine: {results['benchmark']['machine']}. Recipe: karma/demo.py CPU_RECIPE with "
-            f"train.steps={args.steps} (SmolLM2-135M, LoRA); checkpoints from {source}. "
+    head = (f"Machine: {results['benchmark']['machine']}. {trained[0].upper()}{trained[1:]}. "
             "Wall seconds: "
             + ", ".join(f"{k} {v}" for k, v in walls.items()) + ".\n\n")
     dest.with_suffix(".md").write_text(md.replace("\n\n", "\n\n" + head, 1))

@@ -22,7 +22,9 @@ Rows:
   (SEQUENCE_CPU_RECIPE without a query, SEARCH_CPU_RECIPE with genre queries); prompt: the
   search setting's demo recipe before issue 10 (`karma.demo.CPU_RECIPE`).
 - long: `configs/ml100k_long.yaml` / `configs/ml1m_long.yaml`, 3 seeds.
-- sasrec / popularity: the baselines on the same prepared splits, 3 seeds for SASRec.
+- sasrec / popularity: the baselines on the same prepared splits, 3 seeds for SASRec; in the
+  search setting (`*/genre-filter`) they rank only the items of the query's genres
+  (`eval.query_filter`), the query-aware ID baselines.
 
 The columns: final action loss (training log), validation HR@10 / NDCG@10 (the loop's last
 validation, 200 seeded validation users), test HR@10 / NDCG@10, test HR@10 when each user is
@@ -112,15 +114,26 @@ def rows() -> list[dict]:
         for seed in SEEDS:
             out.append(_llm(f"long/{dataset}/seed{seed}", "long", "karma", "none", dataset, seed,
                             [f"train.seed={seed}"], config=long_cfg))
-        out.append({"id": f"popularity/{dataset}", "recipe": "baseline", "preset": "popularity",
-                    "query_mode": "none", "dataset": dataset, "seed": 0, "default": False,
-                    "config": DATA[dataset][0], "overrides": []})
+        out.append(_baseline(f"popularity/{dataset}", "popularity", dataset, 0, "none", []))
         for seed in SEEDS:
-            out.append({"id": f"sasrec/{dataset}/seed{seed}", "recipe": "baseline",
-                        "preset": "sasrec", "query_mode": "none", "dataset": dataset,
-                        "seed": seed, "default": False, "config": DATA[dataset][0],
-                        "overrides": [f"train.seed={seed}", "train.num_threads=1"]})
+            out.append(_baseline(f"sasrec/{dataset}/seed{seed}", "sasrec", dataset, seed, "none",
+                                 [f"train.seed={seed}", "train.num_threads=1"]))
+    # The search setting's ID baselines: the demo's genre split, ranking only the items of the
+    # query's genres (what the history can add to the query, and what a swap of it costs)
+    genre = ["data.query_mode=genre", "data.max_history=20", "eval.query_filter=true",
+             f"data.prepared_dir={_prepared('ml-100k', 'genre', 20)}"]
+    out.append(_baseline("popularity/ml-100k/genre-filter", "popularity", "ml-100k", 0, "genre",
+                         genre))
+    for seed in SEEDS:
+        out.append(_baseline(f"sasrec/ml-100k/genre-filter/seed{seed}", "sasrec", "ml-100k", seed,
+                             "genre", genre + [f"train.seed={seed}", "train.num_threads=1"]))
     return out
+
+
+def _baseline(row_id, preset, dataset, seed, query_mode, overrides):
+    return {"id": row_id, "recipe": "baseline", "preset": preset, "query_mode": query_mode,
+            "dataset": dataset, "seed": seed, "default": False, "config": DATA[dataset][0],
+            "overrides": overrides}
 
 
 def commands(row: dict) -> list[list[str]]:
@@ -220,7 +233,7 @@ def write_report(results: list[dict], out: Path) -> None:
               "seed 0; a sequence-objective batch is 16 users with a readout at every history "
               "position); "
               "`demo/*` are the recipes of `karma demo` (no query: 400 steps x 16 users, history "
-              "50; genre queries: 200 steps x 16 users, each with one search example, history "
+              "50; genre queries: 150 steps x 16 users, each with one search example, history "
               "20); `search-h50` is the genre recipe with history 50 (`-400`: 400 steps); "
               "`prompt/genre/*` the search demo before issue 10 (prompt objective, 100 steps x "
               "16 prompts, history 10); `default` marks the chosen recipes. Wall seconds are "

@@ -162,6 +162,10 @@ class EvalConfig:
     # Personalization check: score every user with another user's history (a seeded permutation of
     # the histories, queries kept) and report those metrics too
     other_history: bool = True
+    # with a query, rank only the items whose categories include every category the query
+    # names (a genre query's hard filter): the query-aware ID baselines, and how much a model
+    # adds to the filter. Off by default: models rank the whole catalog.
+    query_filter: bool = False
 
 
 @dataclass
@@ -202,9 +206,6 @@ class BaselineConfig:
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     text_batch_size: int = 64  # frozen / minilm text encoding batch
     minilm_history: int = 0  # minilm: most recent history titles appended to the user text
-    # popularity / sasrec with a query: rank only the items whose categories include every
-    # category the query names (a genre query's filter), the query-aware ID baseline
-    query_filter: bool = False
 
 
 @dataclass

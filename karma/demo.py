@@ -96,8 +96,8 @@ SEARCH_CPU_RECIPE = with_overrides(
     "model.prompt_layout=history_first",
     "data.max_history=20",
     "train.sequence_max_len=20",
-    "train.steps=200",
-    "train.eval_every=200",
+    "train.steps=150",
+    "train.eval_every=150",
 )
 # On a CUDA GPU the same command trains the full model on full histories for many more steps.
 GPU_RECIPE = [

@@ -161,6 +161,9 @@ def build_index_from_config(item_emb: Any, cfg: Config, **extra: Any) -> Any:
     )
 
 
+QUERY_FILTER = "only items with every category the query names (eval.query_filter)"
+
+
 def evaluate_embeddings(
     user_emb: np.ndarray | torch.Tensor,
     item_emb: np.ndarray | torch.Tensor,
@@ -254,6 +257,29 @@ def cold_rows(data: Any, examples: Any, threshold: int) -> np.ndarray | None:
         np.asarray(data.split("train").targets, dtype=np.int64), minlength=data.items.n_items
     )
     return counts[np.asarray(examples.targets, dtype=np.int64)] < threshold
+
+
+def query_filter(data, examples) -> list[list[int]] | None:
+    """Per example, the items that lack a category its query names (`eval.query_filter`). An
+    ID baseline ranking only the items that match a genre query is the query-aware baseline of
+    the search setting; a model with the filter shows what it adds to it. None when no example
+    has a query. A synthesized query's categories are drawn from the target's, so the target
+    always matches (and `evaluate_embeddings` never hides it)."""
+    from karma.split import query_categories
+
+    if not any(examples.queries):
+        return None
+    cats = [{c.strip().lower() for c in (cs or []) if c and c.strip()}
+            for cs in data.items.categories]
+    vocabulary = set().union(*cats)
+    hidden: dict[frozenset, list[int]] = {}
+    out = []
+    for query in examples.queries:
+        wanted = frozenset(query_categories(query, vocabulary))
+        if wanted not in hidden:
+            hidden[wanted] = [i for i, c in enumerate(cats) if not wanted <= c]
+        out.append(hidden[wanted])
+    return out
 
 
 def other_histories(examples: Any, seed: int = 0) -> np.ndarray:
@@ -443,9 +469,12 @@ def evaluate_checkpoint(
     cold = cold_rows(data, examples, cfg.eval.cold_threshold)
     if cold is not None:
         protocol["cold_threshold"] = f"target a training target < {cfg.eval.cold_threshold} times"
+    item_filter = query_filter(data, examples) if cfg.eval.query_filter else None
+    if item_filter is not None:
+        protocol["query_filter"] = QUERY_FILTER
     results = evaluate_embeddings(
         user_emb, np.asarray(catalog.item_emb), examples, cfg, protocol, cold=cold,
-        other_user_emb=other,
+        other_user_emb=other, item_filter=item_filter,
     )
     results["geometry"] = catalog_geometry(model, catalog)
     results["config"] = {"eval": config_to_dict(cfg)["eval"], "data": config_to_dict(cfg)["data"]}

@@ -88,14 +88,14 @@ def test_popularity_counts_and_ranking(tmp_path):
 
 
 def test_query_filter_ranks_only_items_of_the_query_genre(tmp_path):
-    from karma.baselines.protocol import query_filter
+    from karma.evaluate import query_filter
     from karma.split import query_categories
 
     assert query_categories("Sci-Fi comedy movies", {"comedy", "sci-fi", "drama"}) == {
         "comedy", "sci-fi"}
     # odd items are Drama, even items Comedy: each query names the target's one genre
     cfg = make_prepared(tmp_path, SEQUENCES, 6, "data.query_mode=genre",
-                        "baseline.query_filter=true")
+                        "eval.query_filter=true")
     data = load_or_prepare(cfg)
     test = data.split("test")
     hidden = query_filter(data, test)
@@ -109,7 +109,7 @@ def test_query_filter_ranks_only_items_of_the_query_genre(tmp_path):
     # unmasked within the genre: ranks 1, 1, 2, 0 (targets 3, 2, 4, 1)
     assert unmasked["hr@1"] == pytest.approx(0.25) and unmasked["hr@2"] == pytest.approx(0.75)
     assert results["protocol"]["query_filter"]
-    cfg.baseline.query_filter = False  # without the filter: the plain popularity list
+    cfg.eval.query_filter = False  # without the filter: the plain popularity list
     assert run_baseline("popularity", cfg, tmp_path / "plain")["metrics"]["masked"][
         "hr@1"] == pytest.approx(0.75)
 

@@ -228,6 +228,13 @@ def test_evaluate_checkpoint_matches_direct_scoring(tiny_checkpoint, tmp_path: P
     # a seeded subset of users
     sub = evaluate_checkpoint(ckpt, ["eval.max_users=4"], out_dir=tmp_path / "sub")
     assert sub["protocol"]["users"] == 4 and "of 10" in sub["protocol"]["users_note"]
+    # the query's hard filter only removes items other than the target: never a lower hit rate
+    filtered = evaluate_checkpoint(ckpt, ["eval.split=valid", "eval.query_filter=true"],
+                                   out_dir=tmp_path / "filtered")
+    assert "query_filter" in filtered["protocol"]
+    for key, value in results["metrics"]["masked"].items():
+        if key.startswith("hr@"):
+            assert filtered["metrics"]["masked"][key] >= value, key
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "npy"])

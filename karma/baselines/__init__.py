@@ -14,7 +14,7 @@ are comparable: full catalog, leave-one-out, pessimistic ties, seen items masked
 - minilm: all-MiniLM-L6-v2 text retrieval, query text against item text (`minilm.py`).
 
 ID baselines (popularity, sasrec) ignore the query, so their numbers are the same in the query and
-no-query settings, unless `baseline.query_filter=true`: then they rank only the items whose
+no-query settings, unless `eval.query_filter=true`: then they rank only the items whose
 categories include every category the query names (genre popularity; SASRec within the genre).
 `protocol.training_sequences` rebuilds each user's full chronological training sequence from the
 prepared train examples (first history + every target), which the 20-item history cap would
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from karma.atomic import write_json_atomic
-from karma.baselines.protocol import evaluate_split, query_filter, split_sequences
+from karma.baselines.protocol import evaluate_split, split_sequences
 from karma.config import Config
 from karma.errors import KarmaError
 
@@ -85,7 +85,13 @@ def run_baseline(name: str, cfg: Config, out_dir: str | Path | None = None) -> d
         raise KarmaError(f"unknown baseline '{name}' (known: {', '.join(BASELINES)})")
     from karma.config import save_config
     from karma.data import load_or_prepare
-    from karma.evaluate import cold_rows, format_metrics_table, select_users
+    from karma.evaluate import (
+        QUERY_FILTER,
+        cold_rows,
+        format_metrics_table,
+        query_filter,
+        select_users,
+    )
 
     out_dir = Path(out_dir or Path("runs/baselines") / name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,13 +102,9 @@ def run_baseline(name: str, cfg: Config, out_dir: str | Path | None = None) -> d
     t0 = time.perf_counter()
     user_emb, item_emb, other = _EMBEDDERS[name](data, cfg, examples, out_dir)
     protocol = {}
-    item_filter = None
-    if cfg.baseline.query_filter:
-        if name not in ("popularity", "sasrec"):
-            raise KarmaError(f"baseline.query_filter: for popularity and sasrec, not {name}")
-        item_filter = query_filter(data, examples)
-        if item_filter is not None:
-            protocol["query_filter"] = "only items with every category the query names"
+    item_filter = query_filter(data, examples) if cfg.eval.query_filter else None
+    if item_filter is not None:
+        protocol["query_filter"] = QUERY_FILTER
     if other is not None:
         protocol["other_history"] = "seeded permutation of the users' histories (seed 0)"
     results = evaluate_split(

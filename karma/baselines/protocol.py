@@ -3,7 +3,6 @@
     sequences = training_sequences(data)                     # user_id -> items, oldest first
     inputs = split_sequences(data, data.split("test"), "test")
     results = evaluate_split(user_emb, item_emb, examples, cfg, method="sasrec")
-    hidden = query_filter(data, examples)   # per example, items lacking a category of its query
 
 Kept apart from `karma/baselines/__init__.py` so that the baseline modules import it without
 importing their own package's front door (which imports them).
@@ -56,28 +55,6 @@ def split_sequences(data, examples, split: str) -> list[list[int]]:
             out.append(sequences[user] + [valid_target[user]])
         else:
             out.append(list(sequences[user]))
-    return out
-
-
-def query_filter(data, examples) -> list[list[int]] | None:
-    """Per example, the items that lack a category its query names (`baseline.query_filter`):
-    an ID baseline that ranks only the items matching a genre query is the query-aware baseline
-    of the search setting. None when no example has a query. The target always matches a
-    synthesized query (its categories are drawn from the target's), so it is never hidden."""
-    from karma.split import query_categories
-
-    if not any(examples.queries):
-        return None
-    cats = [{c.strip().lower() for c in (cs or []) if c and c.strip()}
-            for cs in data.items.categories]
-    vocabulary = set().union(*cats)
-    hidden: dict[frozenset, list[int]] = {}
-    out = []
-    for query in examples.queries:
-        wanted = frozenset(query_categories(query, vocabulary))
-        if wanted not in hidden:
-            hidden[wanted] = [i for i, c in enumerate(cats) if not wanted <= c]
-        out.append(hidden[wanted])
     return out
 
 
