@@ -19,8 +19,9 @@ Rows:
   the sequence objective a batch is 16 users, each a dense readout at every history position;
   the wall-clock column says what each row cost.
 - demo: the recipes of `karma demo` at its budget, both presets, both query modes
-  (SEQUENCE_CPU_RECIPE without a query, SEARCH_CPU_RECIPE with genre queries); prompt: the
-  search setting's demo recipe before issue 10 (`karma.demo.CPU_RECIPE`).
+  (SEQUENCE_CPU_RECIPE without a query, SEARCH_CPU_RECIPE with genre queries); demo-filter: the
+  genre checkpoints evaluated with `eval.query_filter=true`; prompt: the search setting's demo
+  recipe before issue 10 (`karma.demo.CPU_RECIPE`).
 - long: `configs/ml100k_long.yaml` / `configs/ml1m_long.yaml`, 3 seeds.
 - sasrec / popularity: the baselines on the same prepared splits, 3 seeds for SASRec; in the
   search setting (`*/genre-filter`) they rank only the items of the query's genres
@@ -96,8 +97,14 @@ def rows() -> list[dict]:
     for preset in ("action_only", "karma"):
         out.append(_llm(f"demo/none/{preset}", "demo", preset, "none", "ml-100k", 0,
                         chosen + [f"loss.preset={preset}"], default=True))
-        out.append(_llm(f"demo/genre/{preset}", "demo", preset, "genre", "ml-100k", 0,
-                        search + [f"loss.preset={preset}"], default=True))
+        demo_genre = _llm(f"demo/genre/{preset}", "demo", preset, "genre", "ml-100k", 0,
+                          search + [f"loss.preset={preset}"], default=True)
+        # the same checkpoint ranking only the items of the query's genres: what the model adds
+        # to the filter (genre popularity and SASRec with it: */genre-filter)
+        out += [demo_genre, {**demo_genre, "id": f"demo/genre-filter/{preset}",
+                             "recipe": "demo-filter", "default": False,
+                             "overrides": ["eval.query_filter=true"],
+                             "checkpoint_of": f"demo/genre/{preset}"}]
         if preset == "action_only":  # the search recipe with the no-query demo's history (50)
             h50 = with_overrides(search, "data.max_history=50", "train.sequence_max_len=50",
                                  f"data.prepared_dir={_prepared('ml-100k', 'genre', 50)}")
@@ -142,6 +149,10 @@ def commands(row: dict) -> list[list[str]]:
     if row["recipe"] == "baseline":
         return [karma + ["baseline", row["preset"], "--config", row["config"], "--out", str(run),
                          *row["overrides"]]]
+    if row.get("checkpoint_of"):  # another row's checkpoint, evaluated with other settings
+        return [karma + ["eval", "--checkpoint", str(ROOT / row["checkpoint_of"] / "checkpoints" /
+                                                     "last"), "--out", str(run / "eval"),
+                         *row["overrides"]]]
     train = karma + ["train", "--config", row["config"], *row["overrides"],
                      f"train.output_dir={run}"]
     evaluate = karma + ["eval", "--checkpoint", str(run / "checkpoints" / "last"),
@@ -165,7 +176,7 @@ def collect(row: dict, wall: float) -> dict:
     metrics = run / "metrics.json" if row["recipe"] == "baseline" else run / "eval" / "metrics.json"
     res = json.loads(metrics.read_text())
     m = res["metrics"]
-    out = {k: v for k, v in row.items() if k != "overrides"}
+    out = {k: v for k, v in row.items() if k not in ("overrides", "checkpoint_of")}
     out.update({
         "test_hr10": m["masked"]["hr@10"], "test_ndcg10": m["masked"]["ndcg@10"],
         "test_hr50": m["masked"].get("hr@50"),
@@ -177,7 +188,7 @@ def collect(row: dict, wall: float) -> dict:
         "wall_s": round(wall, 1), "commands": [" ".join(c[2:]) for c in commands(row)],
     })
     if row["recipe"] != "baseline":
-        out.update(_last_val(run / "log.jsonl"))
+        out.update(_last_val(ROOT / row.get("checkpoint_of", row["id"]) / "log.jsonl"))
     return out
 
 
