@@ -106,13 +106,18 @@ def rows() -> list[dict]:
                              "overrides": ["eval.query_filter=true"],
                              "checkpoint_of": f"demo/genre/{preset}"}]
         if preset == "action_only":  # the search recipe with the no-query demo's history (50)
+            # (run at the search recipe's earlier 200 steps)
             h50 = with_overrides(search, "data.max_history=50", "train.sequence_max_len=50",
+                                 "train.steps=200", "train.eval_every=200",
                                  f"data.prepared_dir={_prepared('ml-100k', 'genre', 50)}")
             out.append(_llm("search-h50/genre/action_only", "search-h50", preset, "genre",
                             "ml-100k", 0, h50 + [f"loss.preset={preset}"]))
             h50_400 = with_overrides(h50, "train.steps=400", "train.eval_every=400")
             out.append(_llm("search-h50-400/genre/action_only", "search-h50-400", preset,
                             "genre", "ml-100k", 0, h50_400 + [f"loss.preset={preset}"]))
+        # the search embedding adds the query-less readout at the last history token
+        out.append(_llm(f"search-sum/genre/{preset}", "search-sum", preset, "genre", "ml-100k",
+                        0, search + ["model.search_readout=sum", f"loss.preset={preset}"]))
         # the search setting's demo before issue 10: the prompt recipe
         out.append(_llm(f"prompt/genre/{preset}", "prompt", preset, "genre", "ml-100k", 0,
                         prompt + [f"loss.preset={preset}"]))
@@ -245,7 +250,9 @@ def write_report(results: list[dict], out: Path) -> None:
               "position); "
               "`demo/*` are the recipes of `karma demo` (no query: 400 steps x 16 users, history "
               "50; genre queries: 150 steps x 16 users, each with one search example, history "
-              "20); `search-h50` is the genre recipe with history 50 (`-400`: 400 steps); "
+              "20); `search-h50` is the genre recipe with history 50 and 200 steps (`-400`: 400); "
+              "`search-sum` the genre recipe with model.search_readout=sum; "
+              "`*/genre-filter` rank only the items of the query's genres (eval.query_filter); "
               "`prompt/genre/*` the search demo before issue 10 (prompt objective, 100 steps x "
               "16 prompts, history 10); `default` marks the chosen recipes. Wall seconds are "
               "training plus evaluation on a CPU shared with other jobs: upper bounds.", ""]

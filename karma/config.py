@@ -81,6 +81,11 @@ class ModelConfig:
     # <EMB>`): a served user's history key/values then stay valid for every new query, so a new
     # query runs only its own tokens (karma/fast_user.py); query-less prompts are the same
     prompt_layout: str = "query_first"
+    # Search embedding with a query: query (u read at <EMB> after the query) | sum (u =
+    # normalize(W_u h_<EMB> + W_u h_{x_c}), the last history token's state being the query-less
+    # recommendation readout of the same forward: the history's next-item signal reaches the
+    # search embedding by construction, at no extra cost; needs history_first)
+    search_readout: str = "query"
     # false: the item tower runs with the LoRA adapters off, i.e. the pretrained LLM, so catalog
     # states never drift from the ones the user tower was trained on (needs model.lora)
     train_item_tower: bool = True
@@ -360,6 +365,7 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("model.readout", lambda v: v in ("emb", "history"), "one of emb, history"),
     ("model.prompt_layout", lambda v: v in ("query_first", "history_first"),
      "one of query_first, history_first"),
+    ("model.search_readout", lambda v: v in ("query", "sum"), "one of query, sum"),
     ("model.id_dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
     ("loss.catalog_samples", lambda v: v >= 0, ">= 0 (0 = the whole catalog)"),
     ("loss.rec_users", lambda v: v >= 0, ">= 0 (0 = every user of the batch)"),
@@ -376,6 +382,11 @@ def check_values(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+    if cfg.model.search_readout == "sum" and cfg.model.prompt_layout != "history_first":
+        raise ConfigError(
+            "config key 'model.search_readout': sum needs model.prompt_layout=history_first (the "
+            "last history token must come before the query to be its query-less readout)"
+        )
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

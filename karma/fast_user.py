@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from karma.errors import KarmaError
 from karma.model import cache_keyword
 
 # ---- adapter: every call into KarmaModel lives here -------------------------------------------
@@ -209,6 +210,11 @@ class FastUserEncoder:
         max_cached_users: int = 256,
         max_shared_prefixes: int = 64,
     ) -> None:
+        if model.cfg.model.search_readout != "query":
+            raise KarmaError(
+                "model.search_readout=sum: the fast user path reads <EMB> only; serve this "
+                "checkpoint with the plain forward (karma.inference.encode_users)"
+            )
         self.model = model
         self.catalog = catalog
         self.item_texts = item_texts

@@ -218,7 +218,9 @@ def encode_users(
         hidden = model.run_decoder(
             inputs["inputs_embeds"], inputs["attention_mask"], inputs["history_ids"]
         )
-        out[rows] = model.user_from_hidden(hidden, inputs["emb_positions"]).cpu()
+        out[rows] = model.user_from_hidden(
+            hidden, inputs["emb_positions"], inputs["history_positions"].max(dim=1).values
+        ).cpu()
     model.train(was_training)
     return out
 

@@ -394,10 +394,24 @@ class KarmaModel(nn.Module):
             emb = fill_placeholders(emb, input_ids, self.prompt.hist_id, x, "history tokens")
         return emb
 
-    def user_from_hidden(self, hidden: torch.Tensor, emb_positions: torch.Tensor) -> torch.Tensor:
-        """u = normalize(W_u h_<EMB>). hidden (B, T, d), emb_positions (B,) -> (B, k)"""
+    def user_from_hidden(
+        self,
+        hidden: torch.Tensor,
+        emb_positions: torch.Tensor,
+        history_end: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """u = normalize(W_u h_<EMB>). hidden (B, T, d), emb_positions (B,) -> (B, k).
+
+        history_end (B,): position of each prompt's last history token (-1: no history). With
+        model.search_readout=sum, a row whose <EMB> is not that token (a query follows the
+        history) adds W_u of its state: u = normalize(W_u h_<EMB> + W_u h_{x_c})."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return F.normalize(self.user_proj(hidden[rows, emb_positions]).float(), dim=-1)
+        out = self.user_proj(hidden[rows, emb_positions])
+        if self.cfg.model.search_readout == "sum" and history_end is not None:
+            history_end = history_end.to(hidden.device)
+            add = ((history_end >= 0) & (history_end != emb_positions)).to(out.dtype)
+            out = out + add[:, None] * self.user_proj(hidden[rows, history_end.clamp(min=0)])
+        return F.normalize(out.float(), dim=-1)
 
     def reconstruction_prefix(self, user_emb: torch.Tensor) -> torch.Tensor:
         """R(u): m soft input tokens that must carry the target's text. (B, k) -> (B, m, d)"""

@@ -228,7 +228,8 @@ class UserSequences:
         lower layers against the cached key/values of the first P + c tokens (left-padded);
         the residual stream entering the first trainable layer is the cached states of those
         tokens followed by theirs. -> query_states (B, T, d), query_mask (B, T),
-        query_history_ids (B, T), query_emb_positions (B,) (<EMB>), query_targets (B,)."""
+        query_history_ids (B, T), query_emb_positions (B,) (<EMB>), query_history_end (B,)
+        (x_c, for model.search_readout=sum), query_targets (B,)."""
         from transformers import DynamicCache
 
         P, device = self.prefix_len, model.device
@@ -269,6 +270,7 @@ class UserSequences:
             "query_mask": mask,
             "query_history_ids": history_ids,
             "query_emb_positions": torch.tensor(lengths, device=device) - 1,
+            "query_history_end": torch.tensor([P + c - 1 for c in cuts], device=device),
             "query_targets": torch.tensor(targets, device=device),
         }
 
@@ -348,7 +350,9 @@ class SequenceObjective(nn.Module):
         if model.cfg.model.item_ids:
             hidden = hidden + model.history_id_tokens(batch["query_history_ids"]).to(hidden.dtype)
         hidden = model.run_from_layer(hidden, batch["query_mask"], model.cfg.model.freeze_layers)
-        user_emb = model.user_from_hidden(hidden, batch["query_emb_positions"])  # (B, k)
+        user_emb = model.user_from_hidden(
+            hidden, batch["query_emb_positions"], batch["query_history_end"]
+        )  # (B, k)
         return self.catalog_loss(user_emb, catalog_emb, batch["query_targets"], temperature)
 
     def _rec_loss(self, user_emb: torch.Tensor, rec_targets: list[list[int]]) -> torch.Tensor:

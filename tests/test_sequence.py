@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from karma.config import load_config
@@ -54,12 +55,12 @@ def test_id_dropout_never_touches_cold_items_and_is_off_in_eval(tmp_path):
 
 
 @torch.no_grad()
-def _top_readout(model, states, history_ids, mask, positions):
+def _top_readout(model, states, history_ids, mask, positions, history_end=None):
     """u read at `positions` after the trainable top layers, from lower states and item IDs."""
     hidden = model.run_from_layer(
         states + model.history_id_tokens(history_ids), mask, model.cfg.model.freeze_layers
     )
-    return model.user_from_hidden(hidden, positions)
+    return model.user_from_hidden(hidden, positions, history_end)
 
 
 def test_sequence_objective_trains_and_its_readout_is_the_inference_path(tmp_path):
@@ -136,11 +137,12 @@ def test_batched_next_text_states_equal_one_user_at_a_time(tmp_path):
         torch.testing.assert_close(b.float(), one.float(), atol=2e-2, rtol=2e-2)  # bf16 storage
 
 
-def test_search_examples_are_the_inference_prompt(tmp_path):
+@pytest.mark.parametrize("search_readout", ["query", "sum"])
+def test_search_examples_are_the_inference_prompt(tmp_path, search_readout):
     """With queries, each user also gives one search example per step, `History: x_1..x_c
     Query: q <EMB>`, its query tokens run against the cached lower key/values: the objective's
     readout of it equals encode_users on that history and query, and its query is the one of
-    x_{c+1}'s training example."""
+    x_{c+1}'s training example. With search_readout=sum both add the readout at x_c."""
     from karma.checkpoint import load_model
     from karma.data import load_prepared
     from karma.inference import encode_catalog, encode_users
@@ -152,7 +154,7 @@ def test_search_examples_are_the_inference_prompt(tmp_path):
         "train.objective=sequence", "model.readout=history", "model.history_source=cache",
         "model.lora=true", "model.train_item_tower=false", "model.freeze_layers=1",
         "loss.preset=action_only", "train.steps=3", "train.eval_every=0", "train.save_every=3",
-        "train.sequence_max_len=12",
+        "train.sequence_max_len=12", f"model.search_readout={search_readout}",
     )
     run = train(cfg)
     assert "query_act_loss" in (run / "log.jsonl").read_text()
@@ -175,12 +177,23 @@ def test_search_examples_are_the_inference_prompt(tmp_path):
     histories = [seqs.items[r][:c] for r, c in zip(rows, cuts)]
     queries = [seqs.queries[r][c - 1] for r, c in zip(rows, cuts)]
     assert batch["query_targets"].tolist() == [seqs.items[r][c] for r, c in zip(rows, cuts)]
-    trained = _top_readout(model, batch["query_states"], batch["query_history_ids"],
-                           batch["query_mask"], batch["query_emb_positions"])
+    args = (model, batch["query_states"], batch["query_history_ids"], batch["query_mask"],
+            batch["query_emb_positions"])
+    trained = _top_readout(*args, batch["query_history_end"])
     catalog = encode_catalog(model, data.items.texts, progress=False)
     full = encode_users(model, histories, queries, catalog, data.items.texts)
     assert all(queries)
-    assert torch.nn.functional.cosine_similarity(trained, full, dim=-1).min() > 0.999
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(trained, full, dim=-1).min() > 0.999
+    at_emb_only = _top_readout(*args)  # without history_end: <EMB> alone
+    assert (cos(trained, at_emb_only, dim=-1).min() > 0.999) == (search_readout == "query")
+
+
+def test_sum_readout_needs_the_history_first_layout():
+    from karma.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.search_readout.*history_first"):
+        load_config(None, ["model.search_readout=sum"])
 
 
 def test_sequence_objective_with_queries_needs_the_history_first_layout(tmp_path):
