@@ -382,10 +382,13 @@ def check_values(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
-    if cfg.model.search_readout == "sum" and cfg.model.prompt_layout != "history_first":
+    if cfg.model.search_readout == "sum" and (
+        cfg.model.prompt_layout != "history_first" or cfg.train.objective != "sequence"
+    ):
         raise ConfigError(
             "config key 'model.search_readout': sum needs model.prompt_layout=history_first (the "
-            "last history token must come before the query to be its query-less readout)"
+            "last history token must come before the query to be its query-less readout) and "
+            "train.objective=sequence (the objective that trains that readout)"
         )
 
 

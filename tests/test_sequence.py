@@ -192,7 +192,7 @@ def test_search_examples_are_the_inference_prompt(tmp_path, search_readout):
 def test_sum_readout_needs_the_history_first_layout():
     from karma.config import ConfigError
 
-    with pytest.raises(ConfigError, match="model.search_readout.*history_first"):
+    with pytest.raises(ConfigError, match="model.search_readout.*history_first.*sequence"):
         load_config(None, ["model.search_readout=sum"])
 
 
