@@ -86,10 +86,11 @@ SEQUENCE_CPU_RECIPE = [
 ]
 # With a query (the search setting, the demo's default) the same recipe also trains one search
 # example per user and step, `History: x_1..x_c Query: q <EMB>` (karma/sequence.py), so one
-# checkpoint serves search and recommendation. History 20 and 200 steps hold `make demo` (two
-# trainings, two evaluations of 943 users with their own and another user's history) near 20
-# minutes on 2 cores (21 min on the AMD EPYC, benchmarks/results/demo_cpu.md). With the prompt
-# recipe above the search models ignored the history (another user's history: +0% HR@10).
+# checkpoint serves search and recommendation. History 20 and 150 steps hold `make demo` (two
+# trainings, two evaluations of 943 users with their own and another user's history, set-up
+# included) under 20 minutes on 2 cores even when the machine runs slow (14.5 min on the AMD
+# EPYC, benchmarks/results/demo_cpu.md; 200 steps took 21 min there on a slow day). With the
+# prompt recipe above the search models ignored the history (another user's history: +0%).
 SEARCH_CPU_RECIPE = with_overrides(
     SEQUENCE_CPU_RECIPE,
     "data.query_mode=genre",
