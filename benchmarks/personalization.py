@@ -118,6 +118,10 @@ def rows() -> list[dict]:
         # the search embedding adds the query-less readout at the last history token
         out.append(_llm(f"search-sum/genre/{preset}", "search-sum", preset, "genre", "ml-100k",
                         0, search + ["model.search_readout=sum", f"loss.preset={preset}"]))
+        # a second search loss over the query's candidates only (hard negatives)
+        out.append(_llm(f"search-cand/genre/{preset}", "search-cand", preset, "genre",
+                        "ml-100k", 0, search + ["loss.query_candidates_weight=1.0",
+                                                f"loss.preset={preset}"]))
         # the search setting's demo before issue 10: the prompt recipe
         out.append(_llm(f"prompt/genre/{preset}", "prompt", preset, "genre", "ml-100k", 0,
                         prompt + [f"loss.preset={preset}"]))
@@ -251,7 +255,8 @@ def write_report(results: list[dict], out: Path) -> None:
               "`demo/*` are the recipes of `karma demo` (no query: 400 steps x 16 users, history "
               "50; genre queries: 150 steps x 16 users, each with one search example, history "
               "20); `search-h50` is the genre recipe with history 50 and 200 steps (`-400`: 400); "
-              "`search-sum` the genre recipe with model.search_readout=sum; "
+              "`search-sum` the genre recipe with model.search_readout=sum; `search-cand` "
+              "with loss.query_candidates_weight=1 (a softmax over the query's candidates too); "
               "`*/genre-filter` rank only the items of the query's genres (eval.query_filter); "
               "`prompt/genre/*` the search demo before issue 10 (prompt objective, 100 steps x "
               "16 prompts, history 10); `default` marks the chosen recipes. Wall seconds are "

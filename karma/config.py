@@ -114,6 +114,10 @@ class LossConfig:
     # train.objective=sequence: users per batch in the L_rec pass (0 = all). That pass runs the
     # whole LLM with gradients, ~4x the cost of a step of the top layers for 16 users on the CPU
     rec_users: int = 0
+    # train.objective=sequence with queries: weight of a second search loss whose softmax runs
+    # over the query's candidates only (the items with every category the query names), i.e.
+    # the candidate set as hard negatives; 0 = off
+    query_candidates_weight: float = 0.0
 
 
 @dataclass
@@ -369,6 +373,7 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("model.id_dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
     ("loss.catalog_samples", lambda v: v >= 0, ">= 0 (0 = the whole catalog)"),
     ("loss.rec_users", lambda v: v >= 0, ">= 0 (0 = every user of the batch)"),
+    ("loss.query_candidates_weight", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train.objective", lambda v: v in ("prompt", "sequence"), "one of prompt, sequence"),
     ("train.sequence_max_len", lambda v: v >= 2, ">= 2"),
     ("train.query_dropout", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),

@@ -265,19 +265,18 @@ def query_filter(data, examples) -> list[list[int]] | None:
     the search setting; a model with the filter shows what it adds to it. None when no example
     has a query. A synthesized query's categories are drawn from the target's, so the target
     always matches (and `evaluate_embeddings` never hides it)."""
-    from karma.split import query_categories
+    from karma.split import category_matrix, query_categories
 
     if not any(examples.queries):
         return None
-    cats = [{c.strip().lower() for c in (cs or []) if c and c.strip()}
-            for cs in data.items.categories]
-    vocabulary = set().union(*cats)
+    matrix, columns = category_matrix(data.items.categories)
     hidden: dict[frozenset, list[int]] = {}
     out = []
     for query in examples.queries:
-        wanted = frozenset(query_categories(query, vocabulary))
+        wanted = frozenset(query_categories(query, set(columns)))
         if wanted not in hidden:
-            hidden[wanted] = [i for i, c in enumerate(cats) if not wanted <= c]
+            keep = matrix[:, [columns[c] for c in wanted]].all(axis=1)
+            hidden[wanted] = np.flatnonzero(~keep).tolist()
         out.append(hidden[wanted])
     return out
 

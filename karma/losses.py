@@ -191,3 +191,19 @@ class CatalogSoftmaxLoss(nn.Module):
             neg = neg.masked_fill(sample[None, :] == targets[:, None], float("-inf"))
             logits = torch.cat([pos[:, None], neg], dim=1)  # (R, 1 + S)
             return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def candidates_softmax_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: torch.Tensor,
+    allowed: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax over each row's own candidates: the catalog logits u_r . e_j / tau with every item
+    outside allowed[r] removed. user_emb (R, k), item_emb (N, k), targets (R,), allowed (R, N)
+    bool with allowed[r, targets[r]] true. The query's candidate set as hard negatives: the
+    loss ranks the target among the items a filter on the query would keep."""
+    with torch.autocast(device_type=user_emb.device.type, enabled=False):
+        logits = user_emb.float() @ item_emb.float().T / temperature.float()
+        return F.cross_entropy(logits.masked_fill(~allowed, float("-inf")), targets)

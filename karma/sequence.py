@@ -50,9 +50,16 @@ from karma.atomic import write_tensor_atomic
 from karma.batching import IGNORE_INDEX, pad_sequences
 from karma.config import Config, ConfigError, LossConfig
 from karma.errors import DataError
-from karma.losses import ActionLoss, CatalogSoftmaxLoss, TokenCrossEntropy, loss_weights
+from karma.losses import (
+    ActionLoss,
+    CatalogSoftmaxLoss,
+    TokenCrossEntropy,
+    candidates_softmax_loss,
+    loss_weights,
+)
 from karma.model import KarmaModel
 from karma.objective import reconstruction_loss
+from karma.split import category_matrix, query_categories
 
 
 def check_sequence_config(cfg: Config) -> None:
@@ -99,6 +106,10 @@ class UserSequences:
     # None without queries
     queries: list[list[str]] | None = None
     lower_kv: list[torch.Tensor] | None = None
+    # with queries: which item has which category, (N, C) bool, and each category's column
+    # (lowercased name), for the query's candidate set (loss.query_candidates_weight)
+    item_categories: torch.Tensor | None = None
+    category_columns: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -153,7 +164,11 @@ class UserSequences:
                 lambda: _suffix_states(model, target_ids, starts, cfg.eval.batch_size),
             )
         queries = _target_queries(data.split("train"), users) if with_kv else None
-        return cls(items, states, len(prefix), suffixes, target_ids, queries, kv)
+        cats, columns = None, None
+        if with_kv:
+            matrix, columns = category_matrix(data.items.categories)
+            cats = torch.from_numpy(matrix)
+        return cls(items, states, len(prefix), suffixes, target_ids, queries, kv, cats, columns)
 
     def item_frequency(self, n_items: int) -> torch.Tensor:
         """How often each item is a readout target: the proposal of sampled catalog softmax."""
@@ -229,7 +244,8 @@ class UserSequences:
         the residual stream entering the first trainable layer is the cached states of those
         tokens followed by theirs. -> query_states (B, T, d), query_mask (B, T),
         query_history_ids (B, T), query_emb_positions (B,) (<EMB>), query_history_end (B,)
-        (x_c, for model.search_readout=sum), query_targets (B,)."""
+        (x_c, for model.search_readout=sum), query_targets (B,), query_allowed (B, N) bool (the
+        query's candidates: items with every category it names; None without categories)."""
         from transformers import DynamicCache
 
         P, device = self.prefix_len, model.device
@@ -265,7 +281,17 @@ class UserSequences:
             states[b, P + c : lengths[b]] = lower[b, : len(n)]
             mask[b, : lengths[b]] = 1
             history_ids[b, P : P + c] = torch.tensor(self.items[r][:c], device=device)
+        allowed = None
+        if self.item_categories is not None:  # the query's candidates: every named category
+            allowed = torch.ones(len(rows), self.item_categories.shape[0], dtype=torch.bool)
+            for b, (r, c) in enumerate(zip(rows, cuts)):
+                named = query_categories(self.queries[r][c - 1], set(self.category_columns))
+                cols = [self.category_columns[n] for n in named]
+                allowed[b] = self.item_categories[:, cols].all(dim=1)
+                allowed[b, targets[b]] = True
+            allowed = allowed.to(device)
         return {
+            "query_allowed": allowed,
             "query_states": states,
             "query_mask": mask,
             "query_history_ids": history_ids,
@@ -284,6 +310,7 @@ class SequenceObjective(nn.Module):
         super().__init__()
         self.lambda_gen, self.lambda_rec, self.lambda_img = loss_weights(cfg)
         self.rec_users = cfg.rec_users
+        self.query_candidates_weight = cfg.query_candidates_weight
         if self.lambda_img > 0:
             raise ConfigError("train.objective=sequence does not train L_img (images) yet")
         self.model = model
@@ -322,8 +349,13 @@ class SequenceObjective(nn.Module):
             "temperature": temperature.detach(),
         }
         if "query_states" in batch:
-            out["query_act_loss"] = self._query_loss(batch, catalog_emb, temperature)
-            out["act_loss"] = (out["act_loss"] + out["query_act_loss"]) / 2
+            out["query_act_loss"], search = self._query_loss(batch, catalog_emb, temperature)
+            if self.query_candidates_weight > 0:
+                out["query_candidates_loss"] = search
+                search = out["query_act_loss"] + self.query_candidates_weight * search
+            else:
+                search = out["query_act_loss"]
+            out["act_loss"] = (out["act_loss"] + search) / 2
         zero = readout.new_zeros(())
         lm_head = model.base_lm.get_output_embeddings()
         out["gen_loss"] = zero
@@ -343,8 +375,9 @@ class SequenceObjective(nn.Module):
 
     def _query_loss(
         self, batch: dict[str, torch.Tensor], catalog_emb: torch.Tensor, temperature: torch.Tensor
-    ) -> torch.Tensor:
-        """Catalog softmax of the search examples, read at <EMB> after the query."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Catalog softmax of the search examples, read at <EMB> after the query, and (with
+        loss.query_candidates_weight) the softmax over the query's candidates only."""
         model = self.model
         hidden = batch["query_states"]
         if model.cfg.model.item_ids:
@@ -353,7 +386,12 @@ class SequenceObjective(nn.Module):
         user_emb = model.user_from_hidden(
             hidden, batch["query_emb_positions"], batch["query_history_end"]
         )  # (B, k)
-        return self.catalog_loss(user_emb, catalog_emb, batch["query_targets"], temperature)
+        full = self.catalog_loss(user_emb, catalog_emb, batch["query_targets"], temperature)
+        if self.query_candidates_weight == 0 or batch.get("query_allowed") is None:
+            return full, None
+        return full, candidates_softmax_loss(
+            user_emb, catalog_emb, batch["query_targets"], temperature, batch["query_allowed"]
+        )
 
     def _rec_loss(self, user_emb: torch.Tensor, rec_targets: list[list[int]]) -> torch.Tensor:
         model = self.model

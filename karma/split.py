@@ -83,6 +83,16 @@ def synthesize_query(
     return " ".join(words) or "items"
 
 
+def category_matrix(categories: Sequence) -> tuple[np.ndarray, dict[str, int]]:
+    """(N, C) bool item x category, and each lowercased category name's column."""
+    sets = [{c.strip().lower() for c in (cs or []) if c and c.strip()} for cs in categories]
+    columns = {c: j for j, c in enumerate(sorted(set().union(*sets)))}
+    matrix = np.zeros((len(sets), len(columns)), dtype=bool)
+    for i, cs in enumerate(sets):
+        matrix[i, [columns[c] for c in cs]] = True
+    return matrix, columns
+
+
 def query_categories(query: str, vocabulary: set[str]) -> set[str]:
     """The categories a query names: its words that are (lowercased) category names, the inverse
     of `synthesize_query` for single-word categories (every MovieLens genre)."""

@@ -210,3 +210,50 @@ def test_sequence_objective_with_queries_needs_the_history_first_layout(tmp_path
         check_sequence_config(cfg)
     cfg.model.prompt_layout = "history_first"
     check_sequence_config(cfg)
+
+
+def test_query_candidates_loss_scores_the_target_among_the_query_items(tmp_path):
+    """loss.query_candidates_weight: a second search softmax over the items with every category
+    the query names; the mask keeps the target, and the loss is the softmax over that subset."""
+    from karma.data import load_prepared
+    from karma.losses import candidates_softmax_loss
+    from karma.sequence import UserSequences
+    from karma.split import query_categories
+    from karma.train import train
+
+    torch.manual_seed(0)
+    user, items = torch.randn(3, 8), torch.randn(10, 8)
+    targets, tau = torch.tensor([0, 4, 9]), torch.tensor(0.5)
+    full = torch.nn.functional.cross_entropy(user @ items.T / tau, targets)
+    everything = torch.ones(3, 10, dtype=torch.bool)
+    assert torch.allclose(candidates_softmax_loss(user, items, targets, tau, everything), full)
+    keep = torch.tensor([0, 4, 9, 2])
+    allowed = torch.zeros(3, 10, dtype=torch.bool)
+    allowed[:, keep] = True
+    subset = torch.nn.functional.cross_entropy(
+        user @ items[keep].T / tau, torch.tensor([0, 1, 2]))
+    assert torch.allclose(candidates_softmax_loss(user, items, targets, tau, allowed), subset)
+
+    cfg = _cfg(
+        tmp_path, "data.query_mode=genre", "model.prompt_layout=history_first",
+        "train.objective=sequence", "model.readout=history", "model.history_source=cache",
+        "model.lora=true", "model.train_item_tower=false", "model.freeze_layers=1",
+        "loss.preset=action_only", "train.steps=2", "train.eval_every=0", "train.save_every=2",
+        "train.sequence_max_len=12", "loss.query_candidates_weight=1.0",
+    )
+    run = train(cfg)
+    assert "query_candidates_loss" in (run / "log.jsonl").read_text()
+    from karma.checkpoint import load_model
+
+    model, cfg2 = load_model(run / "checkpoints" / "last")
+    data = load_prepared(cfg.data.prepared_dir)
+    seqs = UserSequences.build(model, data, cfg2, progress=False)
+    batch = seqs.batch(model, np.arange(4), generator=torch.Generator().manual_seed(1))
+    cats = [{c.lower() for c in cs} for cs in data.items.categories]
+    draw = torch.Generator().manual_seed(1)
+    for b, r in enumerate(range(4)):
+        c = int(torch.randint(1, len(seqs.items[r]), (1,), generator=draw))
+        named = query_categories(seqs.queries[r][c - 1], set().union(*cats))
+        expected = [named <= cs for cs in cats]
+        assert batch["query_allowed"][b].tolist() == expected
+        assert batch["query_allowed"][b, batch["query_targets"][b]]
