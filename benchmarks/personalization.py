@@ -101,10 +101,7 @@ def rows() -> list[dict]:
                           search + [f"loss.preset={preset}"], default=True)
         # the same checkpoint ranking only the items of the query's genres: what the model adds
         # to the filter (genre popularity and SASRec with it: */genre-filter)
-        out += [demo_genre, {**demo_genre, "id": f"demo/genre-filter/{preset}",
-                             "recipe": "demo-filter", "default": False,
-                             "overrides": ["eval.query_filter=true"],
-                             "checkpoint_of": f"demo/genre/{preset}"}]
+        out += [demo_genre, _filtered(demo_genre, f"demo/genre-filter/{preset}")]
         if preset == "action_only":  # the search recipe with the no-query demo's history (50)
             # (run at the search recipe's earlier 200 steps)
             h50 = with_overrides(search, "data.max_history=50", "train.sequence_max_len=50",
@@ -119,9 +116,9 @@ def rows() -> list[dict]:
         out.append(_llm(f"search-sum/genre/{preset}", "search-sum", preset, "genre", "ml-100k",
                         0, search + ["model.search_readout=sum", f"loss.preset={preset}"]))
         # a second search loss over the query's candidates only (hard negatives)
-        out.append(_llm(f"search-cand/genre/{preset}", "search-cand", preset, "genre",
-                        "ml-100k", 0, search + ["loss.query_candidates_weight=1.0",
-                                                f"loss.preset={preset}"]))
+        cand = _llm(f"search-cand/genre/{preset}", "search-cand", preset, "genre", "ml-100k", 0,
+                    search + ["loss.query_candidates_weight=1.0", f"loss.preset={preset}"])
+        out += [cand, _filtered(cand, f"search-cand/genre-filter/{preset}")]
         # the search setting's demo before issue 10: the prompt recipe
         out.append(_llm(f"prompt/genre/{preset}", "prompt", preset, "genre", "ml-100k", 0,
                         prompt + [f"loss.preset={preset}"]))
@@ -144,6 +141,12 @@ def rows() -> list[dict]:
         out.append(_baseline(f"sasrec/ml-100k/genre-filter/seed{seed}", "sasrec", "ml-100k", seed,
                              "genre", genre + [f"train.seed={seed}", "train.num_threads=1"]))
     return out
+
+
+def _filtered(row: dict, row_id: str) -> dict:
+    """`row`'s checkpoint evaluated with eval.query_filter (no training of its own)."""
+    return {**row, "id": row_id, "recipe": row["recipe"] + "-filter", "default": False,
+            "overrides": ["eval.query_filter=true"], "checkpoint_of": row["id"]}
 
 
 def _baseline(row_id, preset, dataset, seed, query_mode, overrides):
