@@ -218,9 +218,13 @@ def encode_users(
         hidden = model.run_decoder(
             inputs["inputs_embeds"], inputs["attention_mask"], inputs["history_ids"]
         )
-        out[rows] = model.user_from_hidden(
-            hidden, inputs["emb_positions"], inputs["history_positions"].max(dim=1).values
-        ).cpu()
+        history_end = None
+        if model.cfg.model.search_readout == "sum":  # (B,) last history token, -1 if none
+            positions = inputs["history_positions"]  # (B, n), -1 padded; n = 0 for no history
+            history_end = positions.new_full((positions.shape[0],), -1)
+            if positions.shape[1]:
+                history_end = positions.max(dim=1).values
+        out[rows] = model.user_from_hidden(hidden, inputs["emb_positions"], history_end).cpu()
     model.train(was_training)
     return out
 
