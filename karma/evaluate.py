@@ -265,20 +265,15 @@ def query_filter(data, examples) -> list[list[int]] | None:
     the search setting; a model with the filter shows what it adds to it. None when no example
     has a query. A synthesized query's categories are drawn from the target's, so the target
     always matches (and `evaluate_embeddings` never hides it)."""
-    from karma.split import category_matrix, query_categories
+    from karma.split import category_matrix, query_items
 
     if not any(examples.queries):
         return None
     matrix, columns = category_matrix(data.items.categories)
-    hidden: dict[frozenset, list[int]] = {}
-    out = []
-    for query in examples.queries:
-        wanted = frozenset(query_categories(query, set(columns)))
-        if wanted not in hidden:
-            keep = matrix[:, [columns[c] for c in wanted]].all(axis=1)
-            hidden[wanted] = np.flatnonzero(~keep).tolist()
-        out.append(hidden[wanted])
-    return out
+    hidden: dict[str, list[int]] = {}
+    for query in set(examples.queries):
+        hidden[query] = np.flatnonzero(~query_items(matrix, columns, query)).tolist()
+    return [hidden[query] for query in examples.queries]
 
 
 def other_histories(examples: Any, seed: int = 0) -> np.ndarray:

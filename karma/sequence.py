@@ -59,7 +59,7 @@ from karma.losses import (
 )
 from karma.model import KarmaModel
 from karma.objective import reconstruction_loss
-from karma.split import category_matrix, query_categories
+from karma.split import category_matrix, query_items
 
 
 def check_sequence_config(cfg: Config) -> None:
@@ -108,7 +108,7 @@ class UserSequences:
     lower_kv: list[torch.Tensor] | None = None
     # with queries: which item has which category, (N, C) bool, and each category's column
     # (lowercased name), for the query's candidate set (loss.query_candidates_weight)
-    item_categories: torch.Tensor | None = None
+    item_categories: np.ndarray | None = None
     category_columns: dict[str, int] | None = None
 
     def __len__(self) -> int:
@@ -164,10 +164,7 @@ class UserSequences:
                 lambda: _suffix_states(model, target_ids, starts, cfg.eval.batch_size),
             )
         queries = _target_queries(data.split("train"), users) if with_kv else None
-        cats, columns = None, None
-        if with_kv:
-            matrix, columns = category_matrix(data.items.categories)
-            cats = torch.from_numpy(matrix)
+        cats, columns = category_matrix(data.items.categories) if with_kv else (None, None)
         return cls(items, states, len(prefix), suffixes, target_ids, queries, kv, cats, columns)
 
     def item_frequency(self, n_items: int) -> torch.Tensor:
@@ -285,9 +282,10 @@ class UserSequences:
         if self.item_categories is not None:  # the query's candidates: every named category
             allowed = torch.ones(len(rows), self.item_categories.shape[0], dtype=torch.bool)
             for b, (r, c) in enumerate(zip(rows, cuts)):
-                named = query_categories(self.queries[r][c - 1], set(self.category_columns))
-                cols = [self.category_columns[n] for n in named]
-                allowed[b] = self.item_categories[:, cols].all(dim=1)
+                query = self.queries[r][c - 1]
+                allowed[b] = torch.from_numpy(
+                    query_items(self.item_categories, self.category_columns, query)
+                )
                 allowed[b, targets[b]] = True
             allowed = allowed.to(device)
         return {

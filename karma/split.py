@@ -99,6 +99,12 @@ def query_categories(query: str, vocabulary: set[str]) -> set[str]:
     return {w for w in query.lower().split() if w in vocabulary}
 
 
+def query_items(matrix: np.ndarray, columns: dict[str, int], query: str) -> np.ndarray:
+    """(N,) bool: the items with every category the query names (all of them if it names none);
+    matrix and columns from `category_matrix`."""
+    return matrix[:, [columns[c] for c in query_categories(query, set(columns))]].all(axis=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Split
 
