@@ -108,9 +108,11 @@ def _protocol(encs: list[dict[str, Any]], checkpoints: list[Path]) -> dict[str, 
         "catalog_size": int(data.items.n_items),
         "recall": "test requests, full catalog, seen items masked, pessimistic ties, exact "
                   "inner product",
-        "preranking": f"top-{f.candidates} of recall per request, re-scored by a light MLP over "
-                      "[u*e, u.e, log(1+train popularity)], fitted on the valid requests, "
-                      f"scored on the test requests; {f.prerank_epochs} epochs",
+        "preranking": f"top-{f.candidates} of recall per request, re-scored by s*u.e + a light MLP "
+                      "over [u*e, u.e, log(1+train popularity)] (output layer zero at start: "
+                      "the retrieval order), fitted on 4/5 of the valid requests, epoch "
+                      f"(0..{f.prerank_epochs}) chosen on the other fifth, scored on the test "
+                      "requests",
         "ranking": f"DeepFM (torch-rechub) on impressions = rated items, click = rating >= "
                    f"{f.click_rating:g}; train rows = last {f.train_window or 'all'} training "
                    f"positions per user ({n_train} rows), eval rows = valid + test positions "

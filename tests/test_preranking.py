@@ -58,3 +58,36 @@ def test_light_scorer_uses_popularity_it_was_not_given_by_retrieval() -> None:
     assert out["retrieval_hr@20"] < 0.3
     assert out["hr@20"] > 0.9
     assert set(out) >= {"hr@10", "ndcg@10", "hr@20", "ndcg@20", "retrieval_hr@10"}
+
+
+def test_untrained_scorer_ranks_as_retrieval() -> None:
+    """The residual scorer starts at the retrieval order: same argsort as u.e on every request."""
+    import torch
+
+    from karma.preranking import LightScorer
+
+    rng = np.random.default_rng(2)
+    u = torch.as_tensor(rng.normal(size=(6, 8)), dtype=torch.float32)
+    e = torch.as_tensor(rng.normal(size=(6, 30, 8)), dtype=torch.float32)
+    pop = torch.as_tensor(rng.exponential(size=(6, 30)), dtype=torch.float32)
+    scores = LightScorer(8, 16)(u, e, pop)
+    dot = (u[:, None, :] * e).sum(-1)
+    assert torch.equal(scores.argsort(dim=1), dot.argsort(dim=1))
+
+
+def test_preranker_keeps_the_retrieval_order_when_fitting_does_not_help() -> None:
+    """Retrieval finds many targets in its top 10 and popularity is noise: without fitting the
+    pre-ranker is the retrieval order exactly, and fitted it stays at retrieval's level."""
+    rng = np.random.default_rng(3)
+    users_v, items, valid = _requests(rng, 200, 150, 16)
+    _, _, test = _requests(rng, 200, 150, 16)  # its targets and seen items, on our catalog
+    users_t = items[test.targets] + 0.8 * rng.normal(size=(200, 16)).astype(np.float32)
+    popularity = rng.integers(0, 50, 150)
+    for epochs in (0, 5):
+        cfg = FunnelConfig(candidates=50, ks=[10], prerank_epochs=epochs)
+        out = run_preranking(users_v, users_t, items, valid, test, popularity, cfg, seed=0,
+                             show_progress=False)
+        assert out["retrieval_hr@10"] > 0.3
+        if epochs == 0:
+            assert out["hr@10"] == out["retrieval_hr@10"] and out["best_epoch"] == 0
+        assert out["hr@10"] >= out["retrieval_hr@10"] - 0.03
