@@ -131,6 +131,10 @@ class TrainConfig:
     # checkpoint serves search (query) and recommendation (none) and must read the history
     query_dropout: float = 0.0
     sequence_max_len: int = 200  # most recent training items per user sequence (objective=sequence)
+    # objective=sequence with queries: search examples per user and step (each its own cut), and
+    # the fewest history items a search example sees (cuts uniform in [this, n - 1])
+    search_examples: int = 1
+    search_min_history: int = 1
     steps: int = 1000
     batch_size: int = 32
     grad_accum: int = 1
@@ -376,6 +380,8 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("loss.query_candidates_weight", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train.objective", lambda v: v in ("prompt", "sequence"), "one of prompt, sequence"),
     ("train.sequence_max_len", lambda v: v >= 2, ">= 2"),
+    ("train.search_examples", lambda v: v >= 1, ">= 1"),
+    ("train.search_min_history", lambda v: v >= 1, ">= 1"),
     ("train.query_dropout", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
 ]
 

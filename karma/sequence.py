@@ -11,7 +11,8 @@ Inference is unchanged: a query-less prompt `<bos> History: x_1 .. x_n` read at 
 (`model.readout=history`) is exactly the last readout, run through the whole LLM.
 
 With queries (data.query_mode other than none, `model.prompt_layout=history_first`) each user
-of a batch also gives one search example: a cut c drawn per step, the prompt
+of a batch also gives `train.search_examples` search examples (default one): a cut c drawn per
+step, at least `train.search_min_history` items long where the sequence allows, the prompt
 `<bos> History: x_1 .. x_c Query: q_{c+1} <EMB>` with the query of x_{c+1}'s training example,
 read at <EMB> and scored against the catalog like the dense readouts. The dense readouts stay
 query-less, so one checkpoint serves recommendation (no query, read at the last history token)
@@ -110,6 +111,10 @@ class UserSequences:
     # (lowercased name), for the query's candidate set (loss.query_candidates_weight)
     item_categories: np.ndarray | None = None
     category_columns: dict[str, int] | None = None
+    # with queries: search examples per user and step, and the fewest history items one sees
+    # (train.search_examples, train.search_min_history)
+    search_examples: int = 1
+    search_min_history: int = 1
 
     def __len__(self) -> int:
         return len(self.items)
@@ -165,7 +170,8 @@ class UserSequences:
             )
         queries = _target_queries(data.split("train"), users) if with_kv else None
         cats, columns = category_matrix(data.items.categories) if with_kv else (None, None)
-        return cls(items, states, len(prefix), suffixes, target_ids, queries, kv, cats, columns)
+        return cls(items, states, len(prefix), suffixes, target_ids, queries, kv, cats, columns,
+                   cfg.train.search_examples, cfg.train.search_min_history)
 
     def item_frequency(self, n_items: int) -> torch.Tensor:
         """How often each item is a readout target: the proposal of sampled catalog softmax."""
@@ -235,32 +241,38 @@ class UserSequences:
     def _query_examples(
         self, model: KarmaModel, rows: list[int], generator: torch.Generator | None
     ) -> dict[str, torch.Tensor]:
-        """One search example per user: a cut c uniform in [1, n - 1], history x_1 .. x_c, the
-        query and target of x_{c+1}. The tokens after x_c (" Query: q <EMB>") run the frozen
-        lower layers against the cached key/values of the first P + c tokens (left-padded);
-        the residual stream entering the first trainable layer is the cached states of those
-        tokens followed by theirs. -> query_states (B, T, d), query_mask (B, T),
-        query_history_ids (B, T), query_emb_positions (B,) (<EMB>), query_history_end (B,)
-        (x_c, for model.search_readout=sum), query_targets (B,), query_allowed (B, N) bool (the
-        query's candidates: items with every category it names; None without categories)."""
+        """`search_examples` search examples per user: a cut c uniform in [min(m, n - 1), n - 1]
+        (m = `search_min_history`), history x_1 .. x_c, the query and target of x_{c+1}. The
+        tokens after x_c (" Query: q <EMB>") run the frozen lower layers against the cached
+        key/values of the first P + c tokens (left-padded); the residual stream entering the
+        first trainable layer is the cached states of those tokens followed by theirs. One row
+        per example, E = B * search_examples, a user's examples adjacent:
+        -> query_states (E, T, d), query_mask (E, T), query_history_ids (E, T),
+        query_emb_positions (E,) (<EMB>), query_history_end (E,) (x_c, for
+        model.search_readout=sum), query_targets (E,), query_allowed (E, N) bool (the query's
+        candidates: items with every category it names; None without categories)."""
         from transformers import DynamicCache
 
         P, device = self.prefix_len, model.device
-        cuts, new_ids, targets = [], [], []
+        cuts, new_ids, targets, examples = [], [], [], []
         for r in rows:
             seq = self.items[r]
-            cut = int(torch.randint(1, len(seq), (1,), generator=generator))
-            ids = model.prompt.user(self.queries[r][cut - 1], n_history=cut)[0]
-            cuts.append(cut)
-            new_ids.append(ids[P + cut :])  # everything after the last history token
-            targets.append(seq[cut])
+            low = min(self.search_min_history, len(seq) - 1)
+            for _ in range(self.search_examples):
+                cut = int(torch.randint(low, len(seq), (1,), generator=generator))
+                ids = model.prompt.user(self.queries[r][cut - 1], n_history=cut)[0]
+                cuts.append(cut)
+                new_ids.append(ids[P + cut :])  # everything after the last history token
+                targets.append(seq[cut])
+                examples.append(r)
+        rows = examples
         past_len = P + max(cuts)
         kv = torch.stack(
             [
                 F.pad(self.lower_kv[r][..., : P + c, :], (0, 0, past_len - P - c, 0))
                 for r, c in zip(rows, cuts)
             ]
-        ).to(device=device, dtype=torch.float32)  # (B, L, 2, h, past_len, hd), left-padded
+        ).to(device=device, dtype=torch.float32)  # (E, L, 2, h, past_len, hd), left-padded
         past = DynamicCache(ddp_cache_data=[(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])])
         ids, new_mask, _ = pad_sequences(new_ids, model.prompt.pad_id)
         past_mask = torch.tensor([[0] * (past_len - P - c) + [1] * (P + c) for c in cuts])

@@ -189,6 +189,57 @@ def test_search_examples_are_the_inference_prompt(tmp_path, search_readout):
     assert (cos(trained, at_emb_only, dim=-1).min() > 0.999) == (search_readout == "query")
 
 
+def test_several_search_examples_per_user_with_a_minimum_history(tmp_path):
+    """train.search_examples=3, train.search_min_history=4: each user gives 3 adjacent search
+    examples per step, each cut drawn in [min(4, n - 1), n - 1] in the same seeded order, and
+    every one is still the inference prompt (readout equals encode_users)."""
+    from karma.checkpoint import load_model
+    from karma.data import load_prepared
+    from karma.inference import encode_catalog, encode_users
+    from karma.sequence import UserSequences
+    from karma.train import train
+
+    cfg = _cfg(
+        tmp_path, "data.query_mode=genre", "model.prompt_layout=history_first",
+        "train.objective=sequence", "model.readout=history", "model.history_source=cache",
+        "model.lora=true", "model.train_item_tower=false", "model.freeze_layers=1",
+        "loss.preset=action_only", "train.steps=2", "train.eval_every=0", "train.save_every=2",
+        "train.sequence_max_len=12", "train.search_examples=3", "train.search_min_history=4",
+    )
+    run = train(cfg)
+    model, cfg2 = load_model(run / "checkpoints" / "last")
+    data = load_prepared(cfg.data.prepared_dir)
+    seqs = UserSequences.build(model, data, cfg2, progress=False)
+    assert (seqs.search_examples, seqs.search_min_history) == (3, 4)
+    rows = np.arange(4)
+    batch = seqs.batch(model, rows, generator=torch.Generator().manual_seed(7))
+    draw = torch.Generator().manual_seed(7)
+    users, cuts = [], []
+    for r in rows:
+        n = len(seqs.items[r])
+        for _ in range(3):
+            cuts.append(int(torch.randint(min(4, n - 1), n, (1,), generator=draw)))
+            users.append(int(r))
+            assert cuts[-1] >= min(4, n - 1)
+    assert batch["query_states"].shape[0] == 12 == batch["query_targets"].shape[0]
+    assert batch["query_targets"].tolist() == [seqs.items[r][c] for r, c in zip(users, cuts)]
+    histories = [seqs.items[r][:c] for r, c in zip(users, cuts)]
+    queries = [seqs.queries[r][c - 1] for r, c in zip(users, cuts)]
+    trained = _top_readout(model, batch["query_states"], batch["query_history_ids"],
+                           batch["query_mask"], batch["query_emb_positions"])
+    catalog = encode_catalog(model, data.items.texts, progress=False)
+    full = encode_users(model, histories, queries, catalog, data.items.texts)
+    assert torch.nn.functional.cosine_similarity(trained, full, dim=-1).min() > 0.999
+
+
+def test_search_settings_are_checked():
+    from karma.config import ConfigError
+
+    for key in ("train.search_examples=0", "train.search_min_history=0"):
+        with pytest.raises(ConfigError, match=key.split("=")[0]):
+            load_config("configs/debug.yaml", [key])
+
+
 def test_sum_readout_needs_the_history_first_layout():
     from karma.config import ConfigError
 
