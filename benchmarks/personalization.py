@@ -119,6 +119,15 @@ def rows() -> list[dict]:
         cand = _llm(f"search-cand/genre/{preset}", "search-cand", preset, "genre", "ml-100k", 0,
                     search + ["loss.query_candidates_weight=1.0", f"loss.preset={preset}"])
         out += [cand, _filtered(cand, f"search-cand/genre-filter/{preset}")]
+        if preset == "action_only":
+            # search cuts that see at least 10 of the (up to 20) history items, and 4 search
+            # examples per user and step instead of 1
+            out.append(_llm("search-min10/genre/action_only", "search-min10", preset, "genre",
+                            "ml-100k", 0, search + ["train.search_min_history=10",
+                                                    f"loss.preset={preset}"]))
+            out.append(_llm("search-k4/genre/action_only", "search-k4", preset, "genre",
+                            "ml-100k", 0, search + ["train.search_examples=4",
+                                                    f"loss.preset={preset}"]))
         # the search setting's demo before issue 10: the prompt recipe
         out.append(_llm(f"prompt/genre/{preset}", "prompt", preset, "genre", "ml-100k", 0,
                         prompt + [f"loss.preset={preset}"]))
@@ -260,6 +269,8 @@ def write_report(results: list[dict], out: Path) -> None:
               "20); `search-h50` is the genre recipe with history 50 and 200 steps (`-400`: 400); "
               "`search-sum` the genre recipe with model.search_readout=sum; `search-cand` "
               "with loss.query_candidates_weight=1 (a softmax over the query's candidates too); "
+              "`search-min10` with train.search_min_history=10 (search cuts see >= 10 items), "
+              "`search-k4` with train.search_examples=4 (4 search examples per user and step); "
               "`*/genre-filter` rank only the items of the query's genres (eval.query_filter); "
               "`prompt/genre/*` the search demo before issue 10 (prompt objective, 100 steps x "
               "16 prompts, history 10); `default` marks the chosen recipes. Wall seconds are "
