@@ -2,7 +2,7 @@
 fast paths of karma/fast_user.py, in one run (about 1 minute on 2 idle cores, 3 under load).
 
     nice -n -5 env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/serve_latency.py \
-        --out benchmarks/results/serve_latency_cpu.md
+        --runtime onnx,onnx-int8 --out benchmarks/results/serve_latency_cpu.md
     .venv/bin/python benchmarks/serve_latency.py --backbone tiny-random --iters 5   # smoke
 
 The model is built from the config (backbone SmolLM2-135M, random karma heads: latency and the
@@ -20,7 +20,10 @@ needed) over a synthetic 64-item catalog. Each timed call encodes one request en
 - no query, new click: the recommendation case (no query), one more item;
 - batch of 8 new users: one `encode` call for 8 requests (dynamic batching), per request;
 - with `--lowp`: int8 (the decoder's Linear layers dynamically quantized, torch.ao) and bf16
-  (the whole model) for the returning user's new query, to see what they cost in cosine.
+  (the whole model) for the returning user's new query, to see what they cost in cosine;
+- with `--runtime onnx,onnx-int8` (serve.runtime): the four fast request kinds and the batch
+  again, with the decoder exported to ONNX Runtime with fp32 or int8 weights
+  (karma/onnx_decoder.py; the first run exports it, about 2 minutes, then it is cached).
 
 Every variant reports p50/p95/p99 over `--iters` calls (after 3 warm-up calls, all variants
 interleaved call by call so that other jobs' load falls on all alike) and the minimum cosine of
@@ -46,6 +49,7 @@ from karma.config import load_config
 from karma.fast_user import FastUserEncoder, plain_user_embeddings
 from karma.inference import encode_catalog
 from karma.model import build_model
+from karma.onnx_decoder import INT8_ACCURACY_LEVEL, INT8_BLOCK, RUNTIMES
 from karma.report import shared_cpu_run
 
 QUERIES = [
@@ -84,7 +88,7 @@ def time_round_robin(cases: list[tuple], n: int, desc: str) -> dict[str, dict]:
 
 
 def run_layout(model, catalog, texts, layout: str, iters: int, rng: np.random.Generator,
-               lowp: dict[str, object]) -> list[dict]:
+               lowp: dict[str, object], runtimes: dict[str, FastUserEncoder]) -> list[dict]:
     n = iters + 3
     histories = [rng.choice(N_ITEMS, HISTORY + 1, replace=False).tolist() for _ in range(n)]
     queries = [QUERIES[i % len(QUERIES)] for i in range(n)]
@@ -97,47 +101,53 @@ def run_layout(model, catalog, texts, layout: str, iters: int, rng: np.random.Ge
     def noop():
         return None
 
-    # (name, setups, calls, inputs (history, query) for the parity check)
-    cases = []
-    enc = FastUserEncoder(model, catalog, texts)
-    cases.append(("plain forward (training path)", [noop] * n,
-                  [plain(h[:HISTORY], q) for h, q in zip(histories, queries)],
-                  [(h[:HISTORY], q) for h, q in zip(histories, queries)], None))
-
     def fast(e, h, q, key):
         return lambda: e.encode([h], [q], [key])[0]
 
     def warm(e, h, q, key):
         return lambda: e.encode([h], [q], [key])
 
-    cases.append(("fast, new user (shared prefixes cached)", [noop] * n,
-                  [fast(enc, h[:HISTORY], q, f"new{i}") for i, (h, q) in
-                   enumerate(zip(histories, queries))],
-                  [(h[:HISTORY], q) for h, q in zip(histories, queries)], enc))
-    cases.append(("fast, returning user, new query",
-                  [warm(enc, h[:HISTORY], q, f"q{i}") for i, (h, q) in
-                   enumerate(zip(histories, queries))],
-                  [fast(enc, h[:HISTORY], q, f"q{i}") for i, (h, q) in
-                   enumerate(zip(histories, new_queries))],
-                  [(h[:HISTORY], q) for h, q in zip(histories, new_queries)], enc))
-    cases.append(("fast, returning user, new click",
-                  [warm(enc, h[: HISTORY - 1], q, f"c{i}") for i, (h, q) in
-                   enumerate(zip(histories, queries))],
-                  [fast(enc, h[:HISTORY], q, f"c{i}") for i, (h, q) in
-                   enumerate(zip(histories, queries))],
-                  [(h[:HISTORY], q) for h, q in zip(histories, queries)], enc))
-    cases.append(("fast, no query, new click",
-                  [warm(enc, h[: HISTORY - 1], "", f"r{i}") for i, h in enumerate(histories)],
-                  [fast(enc, h[:HISTORY], "", f"r{i}") for i, h in enumerate(histories)],
-                  [(h[:HISTORY], "") for h in histories], enc))
+    def returning_new_query(e, name):
+        return (name,
+                [warm(e, h[:HISTORY], q, f"q{i}") for i, (h, q) in
+                 enumerate(zip(histories, queries))],
+                [fast(e, h[:HISTORY], q, f"q{i}") for i, (h, q) in
+                 enumerate(zip(histories, new_queries))],
+                [(h[:HISTORY], q) for h, q in zip(histories, new_queries)], e)
+
+    def fast_cases(e, prefix):
+        """The request kinds of the fast path, on encoder e."""
+        return [
+            (f"{prefix}, new user (shared prefixes cached)", [noop] * n,
+             [fast(e, h[:HISTORY], q, f"new{i}") for i, (h, q) in
+              enumerate(zip(histories, queries))],
+             [(h[:HISTORY], q) for h, q in zip(histories, queries)], e),
+            returning_new_query(e, f"{prefix}, returning user, new query"),
+            (f"{prefix}, returning user, new click",
+             [warm(e, h[: HISTORY - 1], q, f"c{i}") for i, (h, q) in
+              enumerate(zip(histories, queries))],
+             [fast(e, h[:HISTORY], q, f"c{i}") for i, (h, q) in
+              enumerate(zip(histories, queries))],
+             [(h[:HISTORY], q) for h, q in zip(histories, queries)], e),
+            (f"{prefix}, no query, new click",
+             [warm(e, h[: HISTORY - 1], "", f"r{i}") for i, h in enumerate(histories)],
+             [fast(e, h[:HISTORY], "", f"r{i}") for i, h in enumerate(histories)],
+             [(h[:HISTORY], "") for h in histories], e),
+        ]
+
+    # (name, setups, calls, inputs (history, query) for the parity check, encoder)
+    cases = [("plain forward (training path)", [noop] * n,
+              [plain(h[:HISTORY], q) for h, q in zip(histories, queries)],
+              [(h[:HISTORY], q) for h, q in zip(histories, queries)], None)]
+    encoders = {"fast": FastUserEncoder(model, catalog, texts)}
+    for runtime, enc in runtimes.items():
+        enc.clear()  # the other layout's prefixes would never match, but take memory
+        encoders[f"{runtime} fast"] = enc
+    for prefix, enc in encoders.items():
+        cases += fast_cases(enc, prefix)
     for kind, lowp_model in lowp.items():
         qenc = FastUserEncoder(lowp_model, catalog, texts)
-        cases.append((f"{kind} + returning user, new query",
-                      [warm(qenc, h[:HISTORY], q, f"q{i}") for i, (h, q) in
-                       enumerate(zip(histories, queries))],
-                      [fast(qenc, h[:HISTORY], q, f"q{i}") for i, (h, q) in
-                       enumerate(zip(histories, new_queries))],
-                      [(h[:HISTORY], q) for h, q in zip(histories, new_queries)], qenc))
+        cases.append(returning_new_query(qenc, f"{kind} + returning user, new query"))
 
     timed = time_round_robin([(c[0], c[1], c[2], c[4]) for c in cases], n, layout)
     for name, _, _, inputs, _ in cases:
@@ -153,19 +163,22 @@ def run_layout(model, catalog, texts, layout: str, iters: int, rng: np.random.Ge
 
     # dynamic batching: 8 new users in one call, time per request
     batch = 8
-    times, coss = [], []
-    for i in range(max(3, iters // 4) + 1):
-        hs = [histories[(i * batch + j) % n][:HISTORY] for j in range(batch)]
-        qs = [queries[(i * batch + j) % n] for j in range(batch)]
-        keys = [f"b{i}-{j}" for j in range(batch)]
-        start = time.perf_counter()
-        out = enc.encode(hs, qs, keys)
-        if i > 0:
-            times.append(1000 * (time.perf_counter() - start) / batch)
-            ref = plain_user_embeddings(model, hs, qs, catalog, texts)
-            coss.append(F.cosine_similarity(out, ref, dim=-1).min().item())
-    rows.append({"layout": layout, "variant": f"batch of {batch} new users, per request",
-                 "ms": times, "cos": min(coss), "T": rows[0]["T"], "run": float(rows[1]["run"])})
+    for prefix, enc in encoders.items():
+        times, coss = [], []
+        for i in range(max(3, iters // 4) + 1):
+            hs = [histories[(i * batch + j) % n][:HISTORY] for j in range(batch)]
+            qs = [queries[(i * batch + j) % n] for j in range(batch)]
+            keys = [f"b{i}-{j}" for j in range(batch)]
+            start = time.perf_counter()
+            out = enc.encode(hs, qs, keys)
+            if i > 0:
+                times.append(1000 * (time.perf_counter() - start) / batch)
+                ref = plain_user_embeddings(model, hs, qs, catalog, texts)
+                coss.append(F.cosine_similarity(out, ref, dim=-1).min().item())
+        new_user = next(r for r in rows if r["variant"].startswith(f"{prefix}, new user"))
+        rows.append({"layout": layout, "variant": f"{prefix}, batch of {batch} new users, per "
+                     "request", "ms": times, "cos": min(coss), "T": rows[0]["T"],
+                     "run": new_user["run"]})
     return rows
 
 
@@ -178,14 +191,27 @@ def quantized_copy(model):
     return qmodel
 
 
+def onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="smollm2-135m")
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     parser.add_argument("--lowp", action="store_true", help="add the int8 and bf16 variants")
+    parser.add_argument("--runtime", default="",
+                        help="comma-separated ONNX Runtime variants of the fast path to add: "
+                             "onnx, onnx-int8 (serve.runtime)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    runtimes = [r for r in args.runtime.split(",") if r]
+    unknown = set(runtimes) - set(RUNTIMES[1:])
+    if unknown:
+        parser.error(f"--runtime: unknown {sorted(unknown)}; choose from {RUNTIMES[1:]}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config(None, [f"model.backbone={args.backbone}", "model.emb_dim=256"])
@@ -198,6 +224,8 @@ def main() -> None:
         lowp = {} if not args.lowp else {
             "int8": quantized_copy(model), "bf16": copy.deepcopy(model).to(torch.bfloat16)
         }
+        onnx = {r: FastUserEncoder(model, catalog, texts, runtime=r, num_threads=args.threads)
+                for r in runtimes}
         load_start = os.getloadavg()
         rows = []
         for layout in ("query_first", "history_first"):
@@ -205,7 +233,7 @@ def main() -> None:
             for m in (model, *lowp.values()):
                 m.cfg.model.prompt_layout = layout
             rows += run_layout(model, catalog, texts, layout, args.iters,
-                               np.random.default_rng(0), lowp)
+                               np.random.default_rng(0), lowp, onnx)
         load_end = os.getloadavg()
     env, machine = shared_cpu_run(args.threads)
     loads = [" / ".join(f"{x:.1f}" for x in load) for load in (load_start, load_end)]
@@ -213,7 +241,8 @@ def main() -> None:
         "# Serving latency: one user embedding, batch 1, CPU",
         "",
         f"Command: `{env} .venv/bin/python benchmarks/serve_latency.py --backbone "
-        f"{args.backbone} --iters {args.iters}" + (" --lowp" if args.lowp else "") + "`"
+        f"{args.backbone} --iters {args.iters}" + (" --lowp" if args.lowp else "")
+        + (f" --runtime {args.runtime}" if runtimes else "") + "`"
         f" (niceness {os.nice(0)})",
         f"Machine: {machine}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; "
         f"{time.time() - start:.0f} s.",
@@ -225,6 +254,11 @@ def main() -> None:
         f"variant after 3 warm-up calls. cos = minimum cosine of u with the plain path on the "
         f"same inputs (target >= 0.999). T = prompt tokens; tokens run = mean tokens "
         f"through the decoder per call (the rest comes from the caches).",
+        *([f"onnx / onnx-int8: the fast path with its decoder in ONNX Runtime "
+           f"{onnxruntime_version()} (karma/onnx_decoder.py) with fp32 / int8 weights "
+           f"(MatMulNBits, 8 bits, blocks of {INT8_BLOCK}, accuracy_level "
+           f"{INT8_ACCURACY_LEVEL}: int8 activations per block), {args.threads} intra-op "
+           f"threads."] if runtimes else []),
         "",
         "| layout | variant | T | tokens run | p50 ms | p95 ms | p99 ms | x plain p50 | min cos |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

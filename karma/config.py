@@ -197,7 +197,10 @@ class ServeConfig:
     max_batch: int = 32  # concurrent requests encoded in one forward pass
     user_cache_size: int = 256  # users whose prompt key/values are kept (~1.5 MB each, SmolLM2)
     max_explain_tokens: int = 32
-    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    num_threads: int = 0  # torch (and ONNX Runtime) intra-op threads; 0 = their default
+    # the user encoder's decoder: torch, or exported to ONNX Runtime with fp32 (onnx) or int8
+    # (onnx-int8) weights (karma/onnx_decoder.py; needs the serve-fast extra)
+    runtime: str = "torch"
 
 
 @dataclass
@@ -368,6 +371,8 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("train.grad_accum", lambda v: v >= 1, ">= 1"),
     ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
     ("serve.port", lambda v: 0 <= v <= 65535, "a port number 0-65535"),
+    ("serve.runtime", lambda v: v in ("torch", "onnx", "onnx-int8"),
+     "one of torch, onnx, onnx-int8"),
     ("model.item_norm", lambda v: v in ("none", "center", "standardize"),
      "one of none, center, standardize"),
     ("model.readout", lambda v: v in ("emb", "history"), "one of emb, history"),

@@ -19,7 +19,8 @@ so the key/values of a prefix computed once can be reused and only the rest is r
 
 With LoRA the prompts run through a copy of the backbone with the adapters merged; with
 model.item_ids the ID embeddings of the new history tokens join the residual stream at layer
-model.freeze_layers, as in `KarmaModel.run_decoder`.
+model.freeze_layers, as in `KarmaModel.run_decoder`. With `runtime="onnx"` or `"onnx-int8"`
+(serve.runtime) the same decoder runs exported, in ONNX Runtime (karma/onnx_decoder.py).
 
 Nothing here hard-codes a layout: segments come from the ids `PromptFormat` produces, so the
 parity test (tests/test_fast_user.py) holds whatever layout it uses. Requests are batched with
@@ -92,27 +93,66 @@ def _decoder(model: Any) -> torch.nn.Module:
     return model.base_lm.get_decoder()
 
 
-@contextmanager
-def _item_ids_added(model: Any, decoder: torch.nn.Module, history_ids: torch.Tensor | None):
-    """Within the block, the decoder adds the ID embeddings of a hybrid model (model.item_ids)
-    of history_ids (B, N) (item index per token, -1 elsewhere) to the residual stream entering
-    layer model.freeze_layers, where `KarmaModel.run_decoder` adds them."""
+def _residual_site(model: Any, decoder: torch.nn.Module) -> str | None:
+    """The decoder submodule whose input gets the ID embeddings of a hybrid model
+    (model.item_ids): layer model.freeze_layers, where `KarmaModel.run_decoder` adds them, or
+    with all layers frozen the final norm. None without model.item_ids."""
+    if not model.cfg.model.item_ids:
+        return None
+    cut = model.cfg.model.freeze_layers
+    return f"layers.{cut}" if cut < len(decoder.layers) else "norm"
+
+
+def _id_residual(model: Any, history_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """ID embeddings (B, N, d) of history_ids (B, N) (item index per token, -1 elsewhere)."""
     if history_ids is None or not model.cfg.model.item_ids:
+        return None
+    return model.history_id_tokens(history_ids)
+
+
+@contextmanager
+def _residual_added(decoder: torch.nn.Module, site: str | None, extra: torch.Tensor | None):
+    """Within the block, the decoder adds extra (B, N, d) to the input of submodule `site`."""
+    if site is None or extra is None:
         yield
         return
-    cut = model.cfg.model.freeze_layers
-    # all layers frozen: run_decoder adds them after the last layer, before the final norm
-    target = decoder.layers[cut] if cut < len(decoder.layers) else decoder.norm
-    extra = model.history_id_tokens(history_ids)
 
     def add(_module: torch.nn.Module, args: tuple) -> tuple:
         return (args[0] + extra.to(args[0].dtype), *args[1:])
 
-    handle = target.register_forward_pre_hook(add)
+    handle = decoder.get_submodule(site).register_forward_pre_hook(add)
     try:
         yield
     finally:
         handle.remove()
+
+
+def _run_decoder(
+    decoder: torch.nn.Module,
+    cache_kw: str,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    past: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    site: str | None,
+    extra: torch.Tensor | None,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The HF decoder on the new tokens after the past key/values: hidden (B, N, d) and
+    per-layer (keys, values) (B, h, P + N, hd)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=past) if past is not None else None
+    kwargs = {cache_kw: cache} if cache is not None else {}
+    with _residual_added(decoder, site, extra):
+        out = decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **kwargs,
+        )
+    cache = cache if cache is not None else getattr(out, cache_kw)
+    return out.last_hidden_state, [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _user_from_last(model: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -200,6 +240,10 @@ class FastUserEncoder:
 
     Not thread-safe: one thread (the server's batcher) owns an encoder. `stats` counts the
     tokens run and the tokens reused, so tests and benchmarks can see the caches work.
+    runtime (serve.runtime): "torch" runs the decoder in torch; "onnx" and "onnx-int8" export
+    it once and run it in ONNX Runtime with fp32 or int8 weights (karma/onnx_decoder.py), on
+    num_threads intra-op threads (0 = one per physical core). The caches work alike: the past
+    key/values go to ONNX Runtime as inputs and come back as outputs.
     """
 
     def __init__(
@@ -209,6 +253,8 @@ class FastUserEncoder:
         item_texts: Sequence[str] | None = None,
         max_cached_users: int = 256,
         max_shared_prefixes: int = 64,
+        runtime: str = "torch",
+        num_threads: int = 0,
     ) -> None:
         if model.cfg.model.search_readout != "query":
             raise KarmaError(
@@ -220,6 +266,12 @@ class FastUserEncoder:
         self.item_texts = item_texts
         self.decoder = _decoder(model)
         self.cache_kw = cache_keyword(self.decoder)
+        self.residual_site = _residual_site(model, self.decoder)
+        self.onnx = None
+        if runtime != "torch":
+            from karma.onnx_decoder import OnnxDecoder
+
+            self.onnx = OnnxDecoder(self.decoder, runtime, self.residual_site, num_threads)
         self.hist_id = _hist_token_id(model)
         self.users = LRU(max_cached_users)
         self.shared = LRU(max_shared_prefixes)
@@ -324,28 +376,26 @@ class FastUserEncoder:
         inputs_embeds = torch.stack(embeds)  # (B, N, d)
         attention_mask = torch.tensor(mask_rows, dtype=torch.long, device=device)
         position_ids = torch.tensor(positions, dtype=torch.long, device=device)
-        cache = self._past_cache(reqs, P, inputs_embeds.dtype, device) if P > 0 else None
-        kwargs = {self.cache_kw: cache} if cache is not None else {}
-        history_ids = None
+        past = self._past(reqs, P, inputs_embeds.dtype, device) if P > 0 else None
+        extra = None
         if self.hist_id is not None:
             history_ids = torch.tensor(item_rows, dtype=torch.long, device=device)
-        with _item_ids_added(model, self.decoder, history_ids):
-            out = self.decoder(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **kwargs,
+            extra = _id_residual(model, history_ids)
+        if self.onnx is not None:
+            states, kv = self.onnx(inputs_embeds, position_ids, attention_mask, past, extra)
+        else:
+            states, kv = _run_decoder(
+                self.decoder, self.cache_kw, inputs_embeds, attention_mask, position_ids, past,
+                self.residual_site, extra,
             )
-        cache = cache if cache is not None else getattr(out, self.cache_kw)
         last = torch.tensor([len(r.ids) - r.reuse - 1 for r in reqs], device=device)
-        hidden = out.last_hidden_state[torch.arange(B, device=device), last]  # (B, d)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        hidden = states[torch.arange(B, device=device), last]  # (B, d)
         return hidden, kv
 
-    def _past_cache(self, reqs: list[_Request], P: int, dtype: torch.dtype, device: Any) -> Any:
-        from transformers import DynamicCache
-
+    def _past(
+        self, reqs: list[_Request], P: int, dtype: torch.dtype, device: Any
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the rows' cached (keys, values) left-padded to P: (B, h, P, hd) each."""
         n_layers = len(self.decoder.layers)
         data = []
         for layer in range(n_layers):
@@ -364,7 +414,7 @@ class FastUserEncoder:
                 ks.append(k)
                 vs.append(v)
             data.append((torch.stack(ks), torch.stack(vs)))
-        return DynamicCache(ddp_cache_data=data)
+        return data
 
     @staticmethod
     def _row_kv(

@@ -114,7 +114,8 @@ class Service:
         )
         self.index = self._load_index(scfg.export)
         self.encoder = FastUserEncoder(
-            self.model, self.catalog, self.items.texts, max_cached_users=scfg.user_cache_size
+            self.model, self.catalog, self.items.texts, max_cached_users=scfg.user_cache_size,
+            runtime=scfg.runtime, num_threads=scfg.num_threads,
         )
         self.model_history = self.model_cfg.data.max_history
         self._queue: queue.Queue[_Job | None] = queue.Queue()
