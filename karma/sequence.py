@@ -1,7 +1,7 @@
 """Dense next-item training over whole user sequences (`train.objective=sequence`).
 
     sequences = UserSequences.build(model, data, cfg)      # cached lower-layer states per user
-    objective = SequenceObjective(model, cfg.loss)
+    objective = SequenceObjective(model, cfg.loss, image_features=feats)  # feats: karma_mm
     out = objective(sequences.batch(model, rows))          # {"loss", "act_loss", ...}
 
 Every position of a user's training sequence is a readout: u_t = normalize(W_u h_t) at history
@@ -25,6 +25,8 @@ Compute. The lower `model.freeze_layers` layers are frozen and so is everything 
 the catalog statistics, the item tower, which runs with the LoRA adapters off), so their output
 for each user sequence is computed once at setup and cached (bf16); a step runs only the
 trainable top layers. Item states come from the same frozen item tower (`model.history_cache`).
+With images (model.image_dim > 0) each item's state reads its image token too, so the image
+projection is frozen with the tower: the catalog inference encodes is the one training cached.
 
 Knowledge regularizers on the last readout of each user (target x_n, the last training item):
 - L_gen: " Next: {x_n text}<eos>" follows x_{n-1}. Its tokens pass the frozen lower layers on
@@ -32,6 +34,8 @@ Knowledge regularizers on the last readout of each user (target x_n, the last tr
   which are the only layers that can learn anything here.
 - L_rec: R(u_{n-1}) then x_n's text, a second pass through the whole LLM, as in the prompt
   objective.
+L_img (karma_mm) is cheap enough for every readout: g(u_t) regresses the frozen image features of
+x_{t+1} at each dense readout and of the target at each search example (MSE, mean over readouts).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from karma.atomic import write_tensor_atomic
 from karma.batching import IGNORE_INDEX, pad_sequences
 from karma.config import Config, ConfigError, LossConfig
 from karma.errors import DataError
+from karma.inference import check_image_features
 from karma.losses import (
     ActionLoss,
     CatalogSoftmaxLoss,
@@ -80,11 +85,6 @@ def check_sequence_config(cfg: Config) -> None:
         problems.append("model.history_source=cache (the frozen item tower's states)")
     if m.lora and m.train_item_tower:
         problems.append("model.train_item_tower=false (catalog states must not drift)")
-    if m.image_dim > 0 or cfg.loss.preset == "karma_mm":
-        problems.append(
-            "no images: model.image_dim=0 and a preset other than karma_mm (images are not "
-            "wired into this objective yet)"
-        )
     if problems:
         raise ConfigError("train.objective=sequence needs " + "; ".join(problems))
 
@@ -313,17 +313,37 @@ class UserSequences:
 
 class SequenceObjective(nn.Module):
     """The losses of a `UserSequences.batch`: dense catalog softmax (act_loss) plus the
-    preset's L_gen / L_rec on each user's last readout. Frozen here: P_h, <ITEM>/<EMB> and R
-    when the preset has no L_rec (see the module docstring for why)."""
+    preset's L_gen / L_rec on each user's last readout and L_img on every readout. Frozen here:
+    P_h, <ITEM>/<EMB>, the image projection, R when the preset has no L_rec and g when it has no
+    L_img (see the module docstring for why).
 
-    def __init__(self, model: KarmaModel, cfg: LossConfig, proposal: torch.Tensor | None = None):
+    image_features (N, image_dim): the catalog's frozen image features, rows as
+    `model.history_cache` (the targets of L_img; needed only when the preset trains it)."""
+
+    def __init__(
+        self,
+        model: KarmaModel,
+        cfg: LossConfig,
+        proposal: torch.Tensor | None = None,
+        image_features: np.ndarray | torch.Tensor | None = None,
+    ):
         super().__init__()
         self.lambda_gen, self.lambda_rec, self.lambda_img = loss_weights(cfg)
         self.rec_users = cfg.rec_users
         self.query_candidates_weight = cfg.query_candidates_weight
-        if self.lambda_img > 0:
-            raise ConfigError("train.objective=sequence does not train L_img (images) yet")
+        image_dim = model.cfg.model.image_dim
+        if self.lambda_img > 0 and image_dim <= 0:
+            raise ConfigError(
+                f"loss.preset={cfg.preset} regresses image features but model.image_dim is 0"
+            )
         self.model = model
+        # A plain attribute, not a buffer: data, not state, so checkpoints do not carry it.
+        self.image_features = None
+        if self.lambda_img > 0:
+            n_items = model.history_cache.shape[0]
+            self.image_features = check_image_features(model, image_features, n_items).to(
+                model.device
+            )  # (N, D) float32
         # Only the temperature of ActionLoss is used: one learnable, clamped tau for both
         # objectives, saved under the same name.
         self.action_loss = ActionLoss(
@@ -333,6 +353,15 @@ class SequenceObjective(nn.Module):
         self.token_loss = TokenCrossEntropy()
         model.history_proj.requires_grad_(False)
         model.special_embeds.requires_grad_(False)
+        if image_dim > 0:
+            # The image token reaches the item states through the image projection once, at
+            # setup, without gradients: the history cache and every user's lower states are
+            # never refreshed, so the projection must stay as it was then (encode_catalog runs
+            # it again at inference), and a trainable parameter without a gradient would break
+            # DDP (find_unused_parameters=False).
+            model.image_proj.requires_grad_(False)
+            if self.lambda_img == 0:
+                model.image_head.requires_grad_(False)
         if self.lambda_rec == 0:
             model.rec_head.requires_grad_(False)
             model.rec_norm.requires_grad_(False)
@@ -358,8 +387,14 @@ class SequenceObjective(nn.Module):
             ),
             "temperature": temperature.detach(),
         }
+        # L_img reads u at every readout: the dense ones, then the search examples
+        img_users, img_targets = [readout], [batch["readout_targets"]]
         if "query_states" in batch:
-            out["query_act_loss"], search = self._query_loss(batch, catalog_emb, temperature)
+            out["query_act_loss"], search, query_emb = self._query_loss(
+                batch, catalog_emb, temperature
+            )
+            img_users.append(query_emb)
+            img_targets.append(batch["query_targets"])
             if self.query_candidates_weight > 0:
                 out["query_candidates_loss"] = search
                 search = out["query_act_loss"] + self.query_candidates_weight * search
@@ -378,16 +413,26 @@ class SequenceObjective(nn.Module):
             k = self.rec_users or len(batch["rec_targets"])
             user_emb = model.user_from_hidden(hidden[:k], batch["last_cols"][:k])  # (k, d_emb)
             out["rec_loss"] = self._rec_loss(user_emb, batch["rec_targets"][:k])
-        out["loss"] = (
+        loss = (
             out["act_loss"] + self.lambda_gen * out["gen_loss"] + self.lambda_rec * out["rec_loss"]
         )
+        if model.cfg.model.image_dim > 0:
+            out["img_loss"] = zero
+            if self.lambda_img > 0:
+                pred = model.image_head(torch.cat(img_users)).float()  # (R + E, D)
+                target = self.image_features[torch.cat(img_targets)]  # (R + E, D)
+                # Mean over readouts and feature dims, as the prompt objective: scale-free in D.
+                out["img_loss"] = F.mse_loss(pred, target)
+            loss = loss + self.lambda_img * out["img_loss"]
+        out["loss"] = loss
         return out
 
     def _query_loss(
         self, batch: dict[str, torch.Tensor], catalog_emb: torch.Tensor, temperature: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Catalog softmax of the search examples, read at <EMB> after the query, and (with
-        loss.query_candidates_weight) the softmax over the query's candidates only."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Catalog softmax of the search examples, read at <EMB> after the query, (with
+        loss.query_candidates_weight) the softmax over the query's candidates only, and the
+        search examples' u (E, k)."""
         model = self.model
         hidden = batch["query_states"]
         if model.cfg.model.item_ids:
@@ -398,10 +443,11 @@ class SequenceObjective(nn.Module):
         )  # (B, k)
         full = self.catalog_loss(user_emb, catalog_emb, batch["query_targets"], temperature)
         if self.query_candidates_weight == 0 or batch.get("query_allowed") is None:
-            return full, None
-        return full, candidates_softmax_loss(
+            return full, None, user_emb
+        candidates = candidates_softmax_loss(
             user_emb, catalog_emb, batch["query_targets"], temperature, batch["query_allowed"]
         )
+        return full, candidates, user_emb
 
     def _rec_loss(self, user_emb: torch.Tensor, rec_targets: list[list[int]]) -> torch.Tensor:
         model = self.model

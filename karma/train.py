@@ -205,10 +205,13 @@ def _setup_run_dir(run_dir: Path, resume: bool, is_main: bool) -> None:
     distributed.barrier()
 
 
-def _setup_objective(cfg: Config, dist: Any, data: Any) -> tuple[Any, nn.Module, Any]:
+def _setup_objective(
+    cfg: Config, dist: Any, data: Any, image_features: np.ndarray | None = None
+) -> tuple[Any, nn.Module, Any]:
     """(objective, what to call for the losses, user sequences or None): the DDP wrapper under
     torchrun, else the objective itself. Seeded here so that every rank builds identical initial
-    weights. train.objective=sequence also caches the frozen lower layers per user sequence."""
+    weights. train.objective=sequence also caches the frozen lower layers per user sequence, the
+    items' states read with their image token (image_features (N, image_dim), None: no images)."""
     from karma.inference import refresh_history_cache
     from karma.model import build_model
     from karma.objective import KarmaObjective
@@ -221,11 +224,11 @@ def _setup_objective(cfg: Config, dist: Any, data: Any) -> tuple[Any, nn.Module,
     if cfg.train.objective == "sequence":
         with _autocast(dist.device, cfg.train.bf16):
             refresh_history_cache(model, list(data.items.texts), cfg.eval.batch_size,
-                                  rank=dist.rank, world_size=dist.world_size)
+                                  image_features, rank=dist.rank, world_size=dist.world_size)
             sequences = UserSequences.build(model, data, cfg, progress=dist.is_main)
         n_items = data.items.n_items
         proposal = sequences.item_frequency(n_items) if cfg.loss.catalog_samples else None
-        objective = SequenceObjective(model, cfg.loss, proposal)
+        objective = SequenceObjective(model, cfg.loss, proposal, image_features)
     else:
         objective = KarmaObjective(model, cfg.loss, rank=dist.rank, world_size=dist.world_size)
     objective.train()
@@ -387,7 +390,7 @@ def _train(cfg: Config, resume: bool, dist: Any, monitor_factory: MonitorFactory
     cfg = resolve_image_dim(cfg, data)  # before the model, the resume check and config.yaml
     image_features = data.model_image_features(cfg.model.image_dim)
     train_split = data.split("train")
-    objective, forward, sequences = _setup_objective(cfg, dist, data)
+    objective, forward, sequences = _setup_objective(cfg, dist, data, image_features)
     n_examples = len(sequences) if sequences is not None else len(train_split)
     model = objective.model
     optimizer = build_optimizer(objective, cfg)

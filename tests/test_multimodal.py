@@ -15,7 +15,7 @@ import yaml
 
 from karma.checkpoint import load_model
 from karma.cli import main
-from karma.config import ConfigError, load_config
+from karma.config import load_config
 from karma.data import load_image_features, load_prepared
 from karma.datasets.shop import ShopConfig, generate_shop, synthetic_pictures
 from karma.errors import KarmaError
@@ -132,11 +132,12 @@ def test_a_karma_mm_checkpoint_on_a_text_only_dataset_names_the_dataset(mm_run, 
     assert code == 2 and "image_features.npy" in err and "model.image_dim=1280" in err
 
 
-def test_sequence_objective_refuses_images():
+def test_sequence_objective_takes_images():
+    """karma_mm trains with the sequence objective too (tests/test_sequence.py runs it)."""
     from karma.sequence import check_sequence_config
 
     cfg = load_config(DEBUG, ["train.objective=sequence", "loss.preset=karma_mm",
-                              "data.query_mode=none", "model.readout=history",
-                              "model.history_source=cache"])  # fmt: skip
-    with pytest.raises(ConfigError, match="train.objective=sequence needs no images"):
-        check_sequence_config(cfg)
+                              "model.image_dim=1280", "data.query_mode=none",
+                              "model.readout=history", "model.history_source=cache",
+                              "model.lora=true", "model.train_item_tower=false"])  # fmt: skip
+    check_sequence_config(cfg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -308,3 +310,145 @@ def test_query_candidates_loss_scores_the_target_among_the_query_items(tmp_path)
         expected = [named <= cs for cs in cats]
         assert batch["query_allowed"][b].tolist() == expected
         assert batch["query_allowed"][b, batch["query_targets"][b]]
+
+
+IMAGE_DIM = 8  # small generated features stand in for the 1280-d EfficientNet ones
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    """prepared_dir(query_mode): ML-100K prepared once per query mode, with generated
+    (n_items, IMAGE_DIM) image features, so that loss.preset=karma_mm model.image_dim=8 runs."""
+    from karma.data import IMAGE_FEATURES_FILE, load_prepared, prepare_dataset
+
+    root = tmp_path_factory.mktemp("sequence_images")
+    made = {}
+
+    def prepared_dir(query_mode):
+        if query_mode not in made:
+            cfg = _cfg(root / query_mode, f"data.query_mode={query_mode}")
+            path = prepare_dataset(cfg)
+            n_items = load_prepared(path).items.n_items
+            rng = np.random.default_rng(0)
+            feats = rng.normal(size=(n_items, IMAGE_DIM)).astype(np.float32)
+            np.save(path / IMAGE_FEATURES_FILE, feats)
+            made[query_mode] = path
+        return made[query_mode]
+
+    return prepared_dir
+
+
+def _mm_cfg(tmp_path, prepared_dir, *extra):
+    return _cfg(
+        tmp_path, f"data.prepared_dir={prepared_dir}", "train.objective=sequence",
+        "model.readout=history", "model.history_source=cache", "model.lora=true",
+        "model.train_item_tower=false", "model.freeze_layers=1", "loss.preset=karma_mm",
+        f"model.image_dim={IMAGE_DIM}", "train.sequence_max_len=12", *extra,
+    )
+
+
+@pytest.mark.parametrize("query_mode", ["none", "genre"])
+def test_karma_mm_sequence_objective_trains_l_img_and_reads_like_inference(
+    tmp_path, tmp_karma_home, image_data, query_mode
+):
+    """karma_mm with the sequence objective: img_loss is logged, the image projection stays
+    as built (the cached item states read it), and the readout of the cached path equals
+    encode_users over the catalog encoded with the images."""
+    from karma.checkpoint import load_model
+    from karma.data import load_prepared
+    from karma.inference import encode_catalog, encode_users
+    from karma.sequence import UserSequences
+    from karma.train import _seed_everything, train
+
+    layout = ["model.prompt_layout=history_first"] if query_mode != "none" else []
+    cfg = _mm_cfg(
+        tmp_path, image_data(query_mode), f"data.query_mode={query_mode}", *layout,
+        "train.steps=2", "train.eval_every=2", "train.eval_users=20", "train.save_every=2",
+        "train.log_every=1",
+    )
+    run = train(cfg)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line]
+    losses = [r["img_loss"] for r in log if "img_loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(v) and v > 0 for v in losses)
+    model, cfg2 = load_model(run / "checkpoints" / "last")
+    _seed_everything(cfg.train.seed)  # the weights train() started from
+    initial = build_model(cfg2)
+    for name in ("image_proj", "image_head"):
+        trained, built = getattr(model, name).state_dict(), getattr(initial, name).state_dict()
+        same = all(torch.equal(trained[k], built[k]) for k in built)
+        assert same == (name == "image_proj")  # g trains, the projection is frozen
+
+    data = load_prepared(cfg.data.prepared_dir)
+    feats = data.model_image_features(IMAGE_DIM)
+    catalog = encode_catalog(model, data.items.texts, image_features=feats, progress=False)
+    # the catalog inference encodes is the one training cached, image tokens included
+    torch.testing.assert_close(catalog.item_hidden, model.history_cache, atol=1e-5, rtol=1e-4)
+    seqs = UserSequences.build(model, data, cfg2, progress=False)
+    batch = seqs.batch(model, np.arange(3), generator=torch.Generator().manual_seed(0))
+    cached = _top_readout(model, batch["states"], batch["history_ids"], batch["attention_mask"],
+                          batch["last_cols"])
+    histories = [seqs.items[r][:-1] for r in range(3)]
+    full = encode_users(model, histories, [""] * 3, catalog, data.items.texts)
+    assert torch.nn.functional.cosine_similarity(cached, full, dim=-1).min() > 0.999
+
+
+def test_image_features_enter_the_cached_states_and_l_img_trains_g_only(
+    tmp_path, tmp_karma_home, image_data
+):
+    """Other image features give other cached item states and another sequence cache entry;
+    L_img regresses every readout's target features and its gradient reaches g, never the
+    image projection (frozen: the cached states read it); without L_img, img_loss is zero."""
+    from karma.data import load_prepared
+    from karma.inference import refresh_history_cache
+    from karma.losses import loss_weights
+    from karma.sequence import SequenceObjective, UserSequences
+    from karma.train import _training_items
+
+    cfg = _mm_cfg(tmp_path, image_data("none"))
+    data = load_prepared(cfg.data.prepared_dir)
+    feats = data.model_image_features(IMAGE_DIM)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_item_ids(data.items.n_items, _training_items(data))
+    texts = list(data.items.texts)
+
+    def sequences(image_features):
+        refresh_history_cache(model, texts, 64, image_features)
+        return model.history_cache.clone(), UserSequences.build(model, data, cfg, progress=False)
+
+    cache_b, seqs_b = sequences(np.ascontiguousarray(feats[::-1]))
+    cache, seqs = sequences(feats)
+    assert not torch.allclose(cache, cache_b, atol=1e-3)
+    assert not torch.allclose(seqs.states[0].float(), seqs_b.states[0].float(), atol=1e-2)
+    keys = {p.name for p in (tmp_karma_home / "sequence_cache").glob("*.pt")
+            if not p.stem.endswith(("-next", "-kv"))}
+    assert len(keys) == 2  # one on-disk entry per set of image features
+
+    objective = SequenceObjective(model, cfg.loss, image_features=feats)  # eval: no dropout
+    batch = seqs.batch(model, np.arange(4))
+    out = objective(batch)
+    lambda_gen, lambda_rec, lambda_img = loss_weights(cfg.loss)
+    assert lambda_img > 0 and torch.isfinite(out["img_loss"]) and out["img_loss"] > 0
+    expected = (out["act_loss"] + lambda_gen * out["gen_loss"] + lambda_rec * out["rec_loss"]
+                + lambda_img * out["img_loss"])
+    torch.testing.assert_close(out["loss"], expected)
+    out["img_loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.image_head.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in model.image_proj.parameters())
+
+    # g's regression of every dense readout's target (the features of x_{t+1})
+    with torch.no_grad():
+        hidden = batch["states"] + model.history_id_tokens(batch["history_ids"])
+        hidden = model.run_from_layer(hidden, batch["attention_mask"], cfg.model.freeze_layers)
+        u = model.user_proj(hidden[batch["readout_rows"], batch["readout_cols"]])
+        pred = model.image_head(torch.nn.functional.normalize(u.float(), dim=-1))
+        target = torch.as_tensor(feats)[batch["readout_targets"]]
+        expected_img = torch.nn.functional.mse_loss(pred, target)
+    assert batch["readout_targets"].shape[0] > 4  # every readout, not one per user
+    torch.testing.assert_close(out["img_loss"].detach(), expected_img, atol=1e-4, rtol=1e-4)
+
+    cfg.loss.preset = "karma"  # the image token without L_img
+    out = SequenceObjective(model, cfg.loss)(batch)
+    assert out["img_loss"] == 0
+    assert not any(p.requires_grad for p in model.image_head.parameters())
