@@ -23,7 +23,8 @@ Rows:
   genre checkpoints evaluated with `eval.query_filter=true`; prompt: the search setting's demo
   recipe before issue 10 (`karma.demo.CPU_RECIPE`).
 - long: `configs/ml100k_long.yaml` / `configs/ml1m_long.yaml`, 3 seeds, evaluated at
-  checkpoints/best (the step with the best validation HR@10).
+  checkpoints/best (the step with the best validation HR@10); long-search: the search setting
+  as long (`configs/ml100k_search_long.yaml`, genre queries, history 50), seed 0.
 - sasrec / popularity: the baselines on the same prepared splits, 3 seeds for SASRec; in the
   search setting (`*/genre-filter`) they rank only the items of the query's genres
   (`eval.query_filter`), the query-aware ID baselines.
@@ -137,6 +138,10 @@ def rows() -> list[dict]:
         for seed in SEEDS:
             out.append(_llm(f"long/{dataset}/seed{seed}", "long", "karma", "none", dataset, seed,
                             [f"train.seed={seed}"], config=long_cfg))
+        if dataset == "ml-100k":  # the search setting trained as long (one seed so far)
+            out.append(_llm("long-search/ml-100k/seed0", "long-search", "karma", "genre",
+                            dataset, 0, ["train.seed=0"],
+                            config="configs/ml100k_search_long.yaml"))
         out.append(_baseline(f"popularity/{dataset}", "popularity", dataset, 0, "none", []))
         for seed in SEEDS:
             out.append(_baseline(f"sasrec/{dataset}/seed{seed}", "sasrec", dataset, seed, "none",
@@ -179,7 +184,7 @@ def commands(row: dict) -> list[list[str]]:
                      f"train.output_dir={run}"]
     # the long recipe trains past its best validation point (ML-100K: best at step 1,000 of
     # 3,000, docs/decisions.md): its rows evaluate the checkpoint selected on validation
-    ckpt = "best" if row["recipe"] == "long" else "last"
+    ckpt = "best" if row["recipe"] in ("long", "long-search") else "last"
     evaluate = karma + ["eval", "--checkpoint", str(run / "checkpoints" / ckpt),
                         "--out", str(run / "eval")]
     return [train, evaluate]

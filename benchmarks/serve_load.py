@@ -5,6 +5,8 @@ concurrent clients, and a count of 5xx answers (must be zero).
         --out benchmarks/results/serve_load_cpu.md                      # tiny-random + smollm2
     .venv/bin/python benchmarks/serve_load.py --backbones tiny-random --duration 5   # smoke
     .venv/bin/python benchmarks/serve_load.py --checkpoint runs/train/checkpoints/best
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/serve_load.py --backbones smollm2-135m \
+        --runtime onnx --out benchmarks/results/serve_load_onnx_cpu.md  # serve.runtime=onnx
 
 Without --checkpoint, a checkpoint is made per backbone from configs/debug.yaml (ML-100K, the
 debug prepared data) with that backbone and random karma heads (throughput does not depend on
@@ -65,10 +67,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: Path, port: int, threads: int) -> subprocess.Popen:
+def start_server(checkpoint: Path, port: int, threads: int, runtime: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "karma", "serve", "--checkpoint", str(checkpoint),
-           f"serve.host={HOST}", f"serve.port={port}", f"serve.num_threads={threads}"]
+           f"serve.host={HOST}", f"serve.port={port}", f"serve.num_threads={threads}",
+           f"serve.runtime={runtime}"]
     log = open(checkpoint.parent / "server.log", "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
@@ -131,6 +134,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per level")
     parser.add_argument("--max-requests", type=int, default=3000, help="requests per level")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
+    parser.add_argument("--runtime", default="torch", choices=["torch", "onnx", "onnx-int8"],
+                        help="serve.runtime of the server's decoder (karma/onnx_decoder.py)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -146,7 +151,7 @@ def main() -> int:
                 ckpt = make_checkpoint(name, Path(tmp) / name)
             port = free_port()
             t0 = time.time()
-            proc = start_server(ckpt, port, args.threads)
+            proc = start_server(ckpt, port, args.threads, args.runtime)
             startup = time.time() - t0
             base = f"http://{HOST}:{port}"
             try:
@@ -174,7 +179,8 @@ def main() -> int:
         f"Command: `{env} .venv/bin/python benchmarks/serve_load.py "
         + (f"--checkpoint {args.checkpoint} " if args.checkpoint else
            f"--backbones {' '.join(args.backbones)} ")
-        + f"--levels {' '.join(map(str, args.levels))} --duration {args.duration:g} "
+        + f"--runtime {args.runtime} --levels {' '.join(map(str, args.levels))} "
+        f"--duration {args.duration:g} "
         f"--max-requests {args.max_requests}`",
         f"Machine: {machine} in the server, clients on the same cores; "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {time.time() - start:.0f} s in all.",

@@ -1,5 +1,7 @@
 """Config: defaults -> YAML -> overrides, strict keys and types, round trip."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -130,3 +132,17 @@ def test_values_out_of_range_name_the_key(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=f"config key '{key}': expected"):
         apply_overrides(Config(), [override])
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_every_shipped_config_loads(path):
+    """The recipes a user runs with one command load with strict keys and pass the checks of
+    their objective (a typo in a rarely run long recipe fails here, not after set-up)."""
+    from karma.sequence import check_sequence_config
+
+    cfg = load_config(path)
+    if cfg.train.objective == "sequence":
+        check_sequence_config(cfg)
