@@ -6,7 +6,7 @@ concurrent clients, and a count of 5xx answers (must be zero).
     .venv/bin/python benchmarks/serve_load.py --backbones tiny-random --duration 5   # smoke
     .venv/bin/python benchmarks/serve_load.py --checkpoint runs/train/checkpoints/best
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/serve_load.py --backbones smollm2-135m \
-        --runtime onnx --out benchmarks/results/serve_load_onnx_cpu.md  # serve.runtime=onnx
+        --runtimes torch onnx --out benchmarks/results/serve_load_onnx_cpu.md  # serve.runtime
 
 Without --checkpoint, a checkpoint is made per backbone from configs/debug.yaml (ML-100K, the
 debug prepared data) with that backbone and random karma heads (throughput does not depend on
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import random
 import socket
@@ -134,8 +135,10 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per level")
     parser.add_argument("--max-requests", type=int, default=3000, help="requests per level")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
-    parser.add_argument("--runtime", default="torch", choices=["torch", "onnx", "onnx-int8"],
-                        help="serve.runtime of the server's decoder (karma/onnx_decoder.py)")
+    parser.add_argument("--runtimes", nargs="+", default=["torch"],
+                        choices=["torch", "onnx", "onnx-int8"],
+                        help="serve.runtime of the server's decoder (karma/onnx_decoder.py), "
+                        "one server each")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -145,20 +148,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="karma-load-") as tmp:
         targets = ([("checkpoint", Path(args.checkpoint))] if args.checkpoint else
                    [(b, None) for b in args.backbones])
-        for name, ckpt in targets:
-            if ckpt is None:
+        made: dict[str, Path] = {}  # one checkpoint per backbone, served by each runtime
+        for (name, ckpt), runtime in itertools.product(targets, args.runtimes):
+            if ckpt is None and name not in made:
                 print(f"making a {name} checkpoint from configs/debug.yaml ...", flush=True)
-                ckpt = make_checkpoint(name, Path(tmp) / name)
+                made[name] = make_checkpoint(name, Path(tmp) / name)
+            ckpt = ckpt or made[name]
             port = free_port()
             t0 = time.time()
-            proc = start_server(ckpt, port, args.threads, args.runtime)
+            proc = start_server(ckpt, port, args.threads, runtime)
             startup = time.time() - t0
             base = f"http://{HOST}:{port}"
             try:
                 users = httpx.get(base + "/users?limit=500").json()["users"]
                 rows = []
                 for level in args.levels:
-                    print(f"{name}: {level} clients ...", flush=True)
+                    print(f"{name} ({runtime}): {level} clients ...", flush=True)
                     rows.append(asyncio.run(run_level(base, users, level, args.duration,
                                                       args.max_requests, seed=level)))
                     r = rows[-1]
@@ -168,7 +173,7 @@ def main() -> int:
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-            sections.append((name, startup, rows))
+            sections.append((name, runtime, startup, rows))
 
     from karma.report import shared_cpu_run
 
@@ -179,7 +184,7 @@ def main() -> int:
         f"Command: `{env} .venv/bin/python benchmarks/serve_load.py "
         + (f"--checkpoint {args.checkpoint} " if args.checkpoint else
            f"--backbones {' '.join(args.backbones)} ")
-        + f"--runtime {args.runtime} --levels {' '.join(map(str, args.levels))} "
+        + f"--runtimes {' '.join(args.runtimes)} --levels {' '.join(map(str, args.levels))} "
         f"--duration {args.duration:g} "
         f"--max-requests {args.max_requests}`",
         f"Machine: {machine} in the server, clients on the same cores; "
@@ -191,20 +196,21 @@ def main() -> int:
         f"{args.duration:g} s and {args.max_requests} requests. Latency is client-side; server = "
         "the handler's own time (queueing for the model worker, the batch, the index search).",
         "",
-        "| backbone | clients | requests | req/s | p50 ms | p95 ms | p99 ms | server p50 / p99 ms "
-        "| 5xx | failed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| backbone | runtime | clients | requests | req/s | p50 ms | p95 ms | p99 ms "
+        "| server p50 / p99 ms | 5xx | failed |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, _, rows in sections:
+    for name, runtime, _, rows in sections:
         for r in rows:
             lines.append(
-                f"| {name} | {r['clients']} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.0f} "
-                f"| {r['p95']:.0f} | {r['p99']:.0f} | {r['server_p50']:.0f} / "
+                f"| {name} | {runtime} | {r['clients']} | {r['requests']} | {r['rps']:.1f} "
+                f"| {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['server_p50']:.0f} / "
                 f"{r['server_p99']:.0f} | {r['errors_5xx']} | {r['failed']} |"
             )
     lines.append("")
-    for name, startup, _ in sections:
-        lines.append(f"- {name}: server start (model load + catalog encoding) {startup:.0f} s.")
+    for name, runtime, startup, _ in sections:
+        lines.append(f"- {name} ({runtime}): server start (model load, catalog encoding"
+                     f"{', decoder export' if runtime != 'torch' else ''}) {startup:.0f} s.")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
