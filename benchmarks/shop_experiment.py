@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from karma.config import load_config  # noqa: E402
 from karma.data import load_or_prepare, prepare_dataset  # noqa: E402
 from karma.datasets.shop import ShopConfig, generate_shop  # noqa: E402
-from karma.demo import CPU_RECIPE  # noqa: E402
+from karma.demo import CPU_RECIPE, SEARCH_CPU_RECIPE  # noqa: E402
 from karma.evaluate import cold_rows, evaluate_embeddings  # noqa: E402
 from karma.metrics import metrics_from_ranks, target_ranks  # noqa: E402
 from karma.report import shared_cpu_run  # noqa: E402
@@ -46,6 +46,7 @@ LLM_METHODS = ("action_only", "karma", "karma_mm")
 METHODS = ("popularity", "sasrec", *LLM_METHODS)
 SLICES = ("all", "cold", "colour missing", "colour in title")
 COLUMNS = ("hr@10", "ndcg@10", "hr@50", "hr@200")
+RECIPES = {"prompt": CPU_RECIPE, "search": SEARCH_CPU_RECIPE}
 
 
 def subset(examples, rows: np.ndarray):
@@ -170,6 +171,18 @@ def user_ranks(user, item, examples) -> np.ndarray:
     return target_ranks(top_ids, np.asarray(examples.targets), scores=top_scores)
 
 
+def recipe_text(recipe: str, cfg) -> str:
+    """How the LLM presets were trained, for the report header."""
+    m = cfg.model
+    if recipe == "prompt":
+        return (f"the CPU demo's prompt recipe (LoRA r={m.lora_r}, cached history refreshed every "
+                f"{m.cache_refresh_steps} steps")
+    return (f"the CPU demo's search recipe (train.objective=sequence: a next-item readout at "
+            f"every history position and one search example per user and step, the lower "
+            f"{m.freeze_layers} layers frozen and cached, LoRA r={m.lora_r} on the rest, item IDs "
+            f"with dropout {m.id_dropout}")
+
+
 def fmt(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
@@ -203,6 +216,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=100, help="training steps of LLM presets")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="prompt",
+                        help="the LLM presets' demo recipe: prompt (karma.demo.CPU_RECIPE) or "
+                        "search (SEARCH_CPU_RECIPE, the dense sequence objective with queries)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", default="runs/shop_experiment")
     parser.add_argument("--results", default="benchmarks/results/shop_experiment_cpu")
@@ -218,7 +234,7 @@ def main() -> None:
         generate_shop(ShopConfig(items=args.items, users=args.users, seed=0,
                                  oracle_users=args.users), shop)  # fmt: skip
     walls["shop"] = time.perf_counter() - t
-    overrides = [*CPU_RECIPE, f"train.steps={args.steps}", f"data.path={shop}",
+    overrides = [*RECIPES[args.recipe], f"train.steps={args.steps}", f"data.path={shop}",
                  f"data.prepared_dir={out / 'prepared'}", "eval.split=test",
                  *args.overrides]  # fmt: skip
     cfg = load_config(ROOT / "configs" / "shop.yaml", overrides)
@@ -260,7 +276,7 @@ def main() -> None:
         "",
         f"Command: `{env} .venv/bin/python benchmarks/shop_experiment.py "
         f"{' '.join(args.overrides)} --items {args.items} --users {args.users} --seeds "
-        f"{' '.join(map(str, args.seeds))} --steps {args.steps} --methods "
+        f"{' '.join(map(str, args.seeds))} --steps {args.steps} --recipe {args.recipe} --methods "
         f"{' '.join(args.methods)}` (stages whose outputs already existed under --out were "
         "reused and show about 0 s)",
         "",
@@ -268,9 +284,8 @@ def main() -> None:
         f"pictures; SIMULATED users, queries and clicks), prepared with configs/shop.yaml and the "
         f"CPU demo recipe's data settings: {data.stats['users']} users, {data.stats['items']} "
         f"items, {data.stats['interactions']} clicks; protocol: {data.stats['protocol']}.",
-        f"LLM presets: {cfg.model.backbone} through the CPU demo recipe (LoRA "
-        f"r={cfg.model.lora_r}, cached history refreshed every {cfg.model.cache_refresh_steps} "
-        f"steps, history {cfg.data.max_history}, batch {cfg.train.batch_size}, {args.steps} "
+        f"LLM presets: {cfg.model.backbone} through {recipe_text(args.recipe, cfg)}, "
+        f"history {cfg.data.max_history}, batch {cfg.train.batch_size}, {args.steps} "
         f"steps, validation HR@10 on {cfg.train.eval_users} users picks checkpoints/best; extra "
         f"overrides: {args.overrides or 'none'}), seeds {args.seeds}; karma_mm adds the image "
         f"token and L_img (model.image_dim=1280, lambda_img={cfg.loss.lambda_img}). SASRec: "
