@@ -99,6 +99,9 @@ def rows() -> list[dict]:
     for preset in ("action_only", "karma"):
         out.append(_llm(f"demo/none/{preset}", "demo", preset, "none", "ml-100k", 0,
                         chosen + [f"loss.preset={preset}"], default=True))
+        if preset == "action_only":  # the no-query demo with the top 8 layers trained, not 4
+            out.append(_llm("demo-f22/none/action_only", "demo-f22", preset, "none", "ml-100k",
+                            0, chosen + [f"loss.preset={preset}", "model.freeze_layers=22"]))
         demo_genre = _llm(f"demo/genre/{preset}", "demo", preset, "genre", "ml-100k", 0,
                           search + [f"loss.preset={preset}"], default=True)
         # the same checkpoint ranking only the items of the query's genres: what the model adds
@@ -286,8 +289,10 @@ def write_report(results: list[dict], out: Path) -> None:
               "`search-min10` with train.search_min_history=10 (search cuts see >= 10 items), "
               "`search-k4` with train.search_examples=4 (4 search examples per user and step); "
               "`*/genre-filter` rank only the items of the query's genres (eval.query_filter); "
-              "`long/*` the long recipes (checkpoints/best), `long-search` the search setting "
-              "as long (history 50, 1,000 steps); `sasrec-h50` SASRec reading the last 50 "
+              "`demo-f22` the no-query demo with model.freeze_layers=22 (LoRA on the top 8 "
+              "layers, not 4); `long/*` the long recipes (checkpoints/best), `long-search` "
+              "the search setting as long (history 50, 1,000 steps); `sasrec-h50` SASRec "
+              "reading the last 50 "
               "items (the LLM recipes' history) instead of 200; "
               "`prompt/genre/*` the search demo before issue 10 (prompt objective, 100 steps x "
               "16 prompts, history 10); `default` marks the chosen recipes. Wall seconds are "
