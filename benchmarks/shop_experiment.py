@@ -8,15 +8,17 @@ is missing from its title (issue 11, part 4).
 
 Stages: `karma shop` (Fashion-MNIST pictures, seed 0), `karma data prepare` (frozen
 EfficientNet-Lite0 features), then per method and seed the test-split user and item embeddings:
-popularity and SASRec from karma.baselines, the LLM presets trained with the CPU demo recipe
-(karma.demo.CPU_RECIPE: SmolLM2-135M, LoRA, cached history; `--steps` overrides its 100) and
-exported from checkpoints/best with `karma.evaluate.export_embeddings`, the path of `karma
-export`. Every method is scored by `karma.evaluate.evaluate_embeddings` (full catalog, seen items
-masked, pessimistic ties) on all test users, on the cold rows (eval.cold_threshold) and on the
-rows whose target has `colour_in_title == false` in the shop's truth/items.parquet. The oracle
-row is the simulator's own top-200 (oracle.parquet) for the same test clicks, with the same
-masking. Finished runs are reused (their embeddings are kept in the run folder), so an
-interrupted experiment resumes. Writes <results>.md, .json and .png.
+popularity and SASRec from karma.baselines, the LLM presets trained with a CPU demo recipe
+(`--recipe prompt`: karma.demo.CPU_RECIPE, SmolLM2-135M, LoRA, cached history; `--recipe search`:
+SEARCH_CPU_RECIPE, the dense sequence objective with one search example per user and step;
+`--steps` overrides the recipe's steps) and exported from checkpoints/best with
+`karma.evaluate.export_embeddings`, the path of `karma export`. Every method is scored by
+`karma.evaluate.evaluate_embeddings` (full catalog, seen items masked, pessimistic ties) on all
+test users, on the cold rows (eval.cold_threshold) and on the rows whose target has
+`colour_in_title == false` in the shop's truth/items.parquet. The oracle row is the simulator's own
+top-200 (oracle.parquet) for the same test clicks, with the same masking. Finished runs are reused
+(their embeddings are kept in the run folder), so an interrupted experiment resumes. Writes
+<results>.md, .json and .png.
 """
 
 from __future__ import annotations
