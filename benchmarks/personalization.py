@@ -142,9 +142,10 @@ def rows() -> list[dict]:
             out.append(_llm(f"long/{dataset}/seed{seed}", "long", "karma", "none", dataset, seed,
                             [f"train.seed={seed}"], config=long_cfg))
         if dataset == "ml-100k":  # the search setting trained as long (one seed so far)
-            out.append(_llm("long-search/ml-100k/seed0", "long-search", "karma", "genre",
-                            dataset, 0, ["train.seed=0"],
-                            config="configs/ml100k_search_long.yaml"))
+            long_search = _llm("long-search/ml-100k/seed0", "long-search", "karma", "genre",
+                               dataset, 0, ["train.seed=0"],
+                               config="configs/ml100k_search_long.yaml")
+            out += [long_search, _filtered(long_search, "long-search/genre-filter/seed0")]
         out.append(_baseline(f"popularity/{dataset}", "popularity", dataset, 0, "none", []))
         for seed in SEEDS:
             out.append(_baseline(f"sasrec/{dataset}/seed{seed}", "sasrec", dataset, seed, "none",
