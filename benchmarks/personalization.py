@@ -125,14 +125,13 @@ def rows() -> list[dict]:
                     search + ["loss.query_candidates_weight=1.0", f"loss.preset={preset}"])
         out += [cand, _filtered(cand, f"search-cand/genre-filter/{preset}")]
         if preset == "action_only":
-            # search cuts that see at least 10 of the (up to 20) history items, and 4 search
-            # examples per user and step instead of 1
+            # search cuts that see at least 10 of the (up to 20) history items
             out.append(_llm("search-min10/genre/action_only", "search-min10", preset, "genre",
                             "ml-100k", 0, search + ["train.search_min_history=10",
                                                     f"loss.preset={preset}"]))
-            out.append(_llm("search-k4/genre/action_only", "search-k4", preset, "genre",
-                            "ml-100k", 0, search + ["train.search_examples=4",
-                                                    f"loss.preset={preset}"]))
+        # 4 search examples per user and step instead of 1
+        out.append(_llm(f"search-k4/genre/{preset}", "search-k4", preset, "genre", "ml-100k", 0,
+                        search + ["train.search_examples=4", f"loss.preset={preset}"]))
         # the search setting's demo before issue 10: the prompt recipe
         out.append(_llm(f"prompt/genre/{preset}", "prompt", preset, "genre", "ml-100k", 0,
                         prompt + [f"loss.preset={preset}"]))
