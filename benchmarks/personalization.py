@@ -94,6 +94,9 @@ def rows() -> list[dict]:
         for name, base, extra in ablation
     ]
     search = SEARCH_CPU_RECIPE + [f"data.prepared_dir={_prepared('ml-100k', 'genre', 20)}"]
+    # the search recipe before search-k4 made it the default: one search example per user and
+    # step, the base of the search ablation rows measured before the switch
+    one = with_overrides(search, "train.search_examples=1")
     prompt = with_overrides(CPU_RECIPE, "data.query_mode=genre",
                             f"data.prepared_dir={_prepared('ml-100k', 'genre', 10)}")
     for preset in ("action_only", "karma"):
@@ -109,7 +112,7 @@ def rows() -> list[dict]:
         out += [demo_genre, _filtered(demo_genre, f"demo/genre-filter/{preset}")]
         if preset == "action_only":  # the search recipe with the no-query demo's history (50)
             # (run at the search recipe's earlier 200 steps)
-            h50 = with_overrides(search, "data.max_history=50", "train.sequence_max_len=50",
+            h50 = with_overrides(one, "data.max_history=50", "train.sequence_max_len=50",
                                  "train.steps=200", "train.eval_every=200",
                                  f"data.prepared_dir={_prepared('ml-100k', 'genre', 50)}")
             out.append(_llm("search-h50/genre/action_only", "search-h50", preset, "genre",
@@ -119,19 +122,20 @@ def rows() -> list[dict]:
                             "genre", "ml-100k", 0, h50_400 + [f"loss.preset={preset}"]))
         # the search embedding adds the query-less readout at the last history token
         out.append(_llm(f"search-sum/genre/{preset}", "search-sum", preset, "genre", "ml-100k",
-                        0, search + ["model.search_readout=sum", f"loss.preset={preset}"]))
+                        0, one + ["model.search_readout=sum", f"loss.preset={preset}"]))
         # a second search loss over the query's candidates only (hard negatives)
         cand = _llm(f"search-cand/genre/{preset}", "search-cand", preset, "genre", "ml-100k", 0,
-                    search + ["loss.query_candidates_weight=1.0", f"loss.preset={preset}"])
+                    one + ["loss.query_candidates_weight=1.0", f"loss.preset={preset}"])
         out += [cand, _filtered(cand, f"search-cand/genre-filter/{preset}")]
         if preset == "action_only":
             # search cuts that see at least 10 of the (up to 20) history items
             out.append(_llm("search-min10/genre/action_only", "search-min10", preset, "genre",
-                            "ml-100k", 0, search + ["train.search_min_history=10",
+                            "ml-100k", 0, one + ["train.search_min_history=10",
                                                     f"loss.preset={preset}"]))
-        # 4 search examples per user and step instead of 1
+        # 4 search examples per user and step instead of 1: since then the demo's recipe
         out.append(_llm(f"search-k4/genre/{preset}", "search-k4", preset, "genre", "ml-100k", 0,
-                        search + ["train.search_examples=4", f"loss.preset={preset}"]))
+                        with_overrides(one, "train.search_examples=4") +
+                        [f"loss.preset={preset}"]))
         # the search setting's demo before issue 10: the prompt recipe
         out.append(_llm(f"prompt/genre/{preset}", "prompt", preset, "genre", "ml-100k", 0,
                         prompt + [f"loss.preset={preset}"]))
@@ -146,9 +150,11 @@ def rows() -> list[dict]:
                                config="configs/ml100k_search_long.yaml")
             out += [long_search, _filtered(long_search, "long-search/genre-filter/seed0")]
         out.append(_baseline(f"popularity/{dataset}", "popularity", dataset, 0, "none", []))
+        # ML-100K's SASRec rows ran one thread each beside other rows; ML-1M's run alone on both
+        threads = 1 if dataset == "ml-100k" else 2
         for seed in SEEDS:
             out.append(_baseline(f"sasrec/{dataset}/seed{seed}", "sasrec", dataset, seed, "none",
-                                 [f"train.seed={seed}", "train.num_threads=1"]))
+                                 [f"train.seed={seed}", f"train.num_threads={threads}"]))
         if dataset == "ml-100k":  # SASRec reading the 50 items the LLM recipes read, not 200
             for seed in SEEDS:
                 out.append(_baseline(f"sasrec-h50/{dataset}/seed{seed}", "sasrec", dataset, seed,
@@ -282,8 +288,10 @@ def write_report(results: list[dict], out: Path) -> None:
               "seed 0; a sequence-objective batch is 16 users with a readout at every history "
               "position); "
               "`demo/*` are the recipes of `karma demo` (no query: 400 steps x 16 users, history "
-              "50; genre queries: 150 steps x 16 users, each with one search example, history "
-              "20); `search-h50` is the genre recipe with history 50 and 200 steps (`-400`: 400); "
+              "50; genre queries: 150 steps x 16 users, each with four search examples, history "
+              "20); the `search-*` rows are one change from the genre recipe before that, with "
+              "one search example per user (the demo/genre rows' records before the switch are "
+              "in git history): `search-h50` is that recipe with history 50 and 200 steps (`-400`: 400); "
               "`search-sum` the genre recipe with model.search_readout=sum; `search-cand` "
               "with loss.query_candidates_weight=1 (a softmax over the query's candidates too); "
               "`search-min10` with train.search_min_history=10 (search cuts see >= 10 items), "
