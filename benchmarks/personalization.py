@@ -144,22 +144,29 @@ def rows() -> list[dict]:
         for seed in SEEDS:
             out.append(_llm(f"long/{dataset}/seed{seed}", "long", "karma", "none", dataset, seed,
                             [f"train.seed={seed}"], config=long_cfg))
+        if dataset == "ml-100k":  # every training transition, not each user's newest 51 items
+            out.append(_llm("long-all/ml-100k/seed0", "long-all", "karma", "none", dataset, 0,
+                            ["train.seed=0", "train.sequence_windows=all"], config=long_cfg))
         if dataset == "ml-100k":  # the search setting trained as long (one seed so far)
             long_search = _llm("long-search/ml-100k/seed0", "long-search", "karma", "genre",
                                dataset, 0, ["train.seed=0"],
                                config="configs/ml100k_search_long.yaml")
             out += [long_search, _filtered(long_search, "long-search/genre-filter/seed0")]
         out.append(_baseline(f"popularity/{dataset}", "popularity", dataset, 0, "none", []))
-        # ML-100K's SASRec rows ran one thread each beside other rows; ML-1M's run alone on both
-        threads = 1 if dataset == "ml-100k" else 2
         for seed in SEEDS:
             out.append(_baseline(f"sasrec/{dataset}/seed{seed}", "sasrec", dataset, seed, "none",
-                                 [f"train.seed={seed}", f"train.num_threads={threads}"]))
+                                 [f"train.seed={seed}", "train.num_threads=1"]))
         if dataset == "ml-100k":  # SASRec reading the 50 items the LLM recipes read, not 200
             for seed in SEEDS:
                 out.append(_baseline(f"sasrec-h50/{dataset}/seed{seed}", "sasrec", dataset, seed,
                                      "none", [f"train.seed={seed}", "train.num_threads=1",
                                               "baseline.sasrec.max_len=50"]))
+            # ... and trained on what the LLM recipe trains on: each user's newest 51 items
+            for seed in SEEDS:
+                out.append(_baseline(f"sasrec-last50/{dataset}/seed{seed}", "sasrec", dataset,
+                                     seed, "none", [f"train.seed={seed}", "train.num_threads=1",
+                                                    "baseline.sasrec.max_len=50",
+                                                    "baseline.sasrec.windows=last"]))
     # The search setting's ID baselines: the demo's genre split, ranking only the items of the
     # query's genres (what the history can add to the query, and what a swap of it costs)
     genre = ["data.query_mode=genre", "data.max_history=20", "eval.query_filter=true",
@@ -198,7 +205,7 @@ def commands(row: dict) -> list[list[str]]:
                      f"train.output_dir={run}"]
     # the long recipe trains past its best validation point (ML-100K: best at step 1,000 of
     # 3,000, docs/decisions.md): its rows evaluate the checkpoint selected on validation
-    ckpt = "best" if row["recipe"] in ("long", "long-search") else "last"
+    ckpt = "best" if row["recipe"] in ("long", "long-all", "long-search") else "last"
     evaluate = karma + ["eval", "--checkpoint", str(run / "checkpoints" / ckpt),
                         "--out", str(run / "eval")]
     return [train, evaluate]
@@ -277,7 +284,7 @@ def write_report(results: list[dict], out: Path) -> None:
         lines.append("| " + " | ".join(row) + " |")
     groups: dict[str, list[float]] = {}
     for r in results:
-        if r["recipe"] in ("baseline", "long", "long-search"):
+        if r["recipe"] in ("baseline", "long", "long-all", "long-search"):
             groups.setdefault(r["id"].rsplit("/seed", 1)[0], []).append(r["test_hr10"])
     seeded = {k: v for k, v in groups.items() if len(v) > 1}
     if seeded:
@@ -291,17 +298,22 @@ def write_report(results: list[dict], out: Path) -> None:
               "50; genre queries: 150 steps x 16 users, each with four search examples, history "
               "20); the `search-*` rows are one change from the genre recipe before that, with "
               "one search example per user (the demo/genre rows' records before the switch are "
-              "in git history): `search-h50` is that recipe with history 50 and 200 steps (`-400`: 400); "
+              "in git history): `search-h50` is that recipe with history 50 and 200 steps "
+              "(`-400`: 400); "
               "`search-sum` the genre recipe with model.search_readout=sum; `search-cand` "
               "with loss.query_candidates_weight=1 (a softmax over the query's candidates too); "
               "`search-min10` with train.search_min_history=10 (search cuts see >= 10 items), "
               "`search-k4` with train.search_examples=4 (4 search examples per user and step); "
               "`*/genre-filter` rank only the items of the query's genres (eval.query_filter); "
               "`demo-f22` the no-query demo with model.freeze_layers=22 (LoRA on the top 8 "
-              "layers, not 4); `long/*` the long recipes (checkpoints/best), `long-search` "
+              "layers, not 4); `long/*` the long recipes (checkpoints/best), `long-all` the "
+              "same with train.sequence_windows=all (every training transition, not each "
+              "user's newest 51 items), `long-search` "
               "the search setting as long (history 50, 1,000 steps); `sasrec-h50` SASRec "
               "reading the last 50 "
-              "items (the LLM recipes' history) instead of 200; "
+              "items (the LLM recipes' history) instead of 200, `sasrec-last50` the same "
+              "trained on each user's newest 51 training items only (what the LLM recipes "
+              "trained on); "
               "`prompt/genre/*` the search demo before issue 10 (prompt objective, 100 steps x "
               "16 prompts, history 10); `default` marks the chosen recipes. Wall seconds are "
               "training plus evaluation on a CPU shared with other jobs: upper bounds.", ""]

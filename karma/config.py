@@ -130,7 +130,11 @@ class TrainConfig:
     # Prompt objective: a training example's query is dropped with this probability, so one
     # checkpoint serves search (query) and recommendation (none) and must read the history
     query_dropout: float = 0.0
-    sequence_max_len: int = 200  # most recent training items per user sequence (objective=sequence)
+    sequence_max_len: int = 200  # training items per sequence window (objective=sequence)
+    # objective=sequence: last = each user's newest sequence_max_len + 1 training items only |
+    # all = every training transition, the user's training part cut into windows of that
+    # length (karma.split.training_windows, as SASRec trains); a window is a row of the batch
+    sequence_windows: str = "last"
     # objective=sequence with queries: search examples per user and step (each its own cut), and
     # the fewest history items a search example sees (cuts uniform in [this, n - 1])
     search_examples: int = 1
@@ -215,6 +219,9 @@ class SASRecConfig:
     batch_size: int = 32  # training windows per step; 128 gives ML-100K only 9 steps per epoch
     epochs: int = 200
     patience: int = 10  # epochs without a gain in validation ndcg@10 before stopping
+    # all: every training transition of a user, in windows of max_len + 1 | last: the newest
+    # window only (what the LLM's train.sequence_windows=last sees)
+    windows: str = "all"
 
 
 @dataclass
@@ -385,6 +392,8 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("loss.query_candidates_weight", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train.objective", lambda v: v in ("prompt", "sequence"), "one of prompt, sequence"),
     ("train.sequence_max_len", lambda v: v >= 2, ">= 2"),
+    ("train.sequence_windows", lambda v: v in ("last", "all"), "one of last, all"),
+    ("baseline.sasrec.windows", lambda v: v in ("last", "all"), "one of last, all"),
     ("train.search_examples", lambda v: v >= 1, ">= 1"),
     ("train.search_min_history", lambda v: v >= 1, ">= 1"),
     ("train.query_dropout", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
@@ -394,8 +403,9 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
 def check_values(cfg: Config) -> None:
     """Raise ConfigError naming the key of the first value outside its allowed range."""
     for key, ok, expected in _VALUE_RULES:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value: Any = cfg
+        for name in key.split("."):
+            value = getattr(value, name)
         if not ok(value):
             raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
     if cfg.model.search_readout == "sum" and (

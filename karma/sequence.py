@@ -7,6 +7,9 @@
 Every position of a user's training sequence is a readout: u_t = normalize(W_u h_t) at history
 token x_t must rank x_{t+1} first over the whole catalog (`CatalogSoftmaxLoss`), as SASRec and
 HLLM train. One forward over n items gives n - 1 examples where the prompt objective gives one.
+By default a user gives its newest train.sequence_max_len + 1 training items;
+train.sequence_windows=all cuts the whole training part into windows of that length, so every
+training transition is a readout target, as in SASRec (`karma.split.training_windows`).
 Inference is unchanged: a query-less prompt `<bos> History: x_1 .. x_n` read at x_n
 (`model.readout=history`) is exactly the last readout, run through the whole LLM.
 
@@ -65,7 +68,7 @@ from karma.losses import (
 )
 from karma.model import KarmaModel
 from karma.objective import reconstruction_loss
-from karma.split import category_matrix, query_items
+from karma.split import category_matrix, query_items, training_windows
 
 
 def check_sequence_config(cfg: Config) -> None:
@@ -91,9 +94,11 @@ def check_sequence_config(cfg: Config) -> None:
 
 @dataclass
 class UserSequences:
-    """Training sequences x_1..x_n per user (most recent train.sequence_max_len + 1 items of the
-    training part) and the residual stream entering layer model.freeze_layers for the input
-    tokens `<bos> History: x_1 .. x_{n-1}` (x_n is only ever a target)."""
+    """Training sequences x_1..x_n, one per window of a user's training part (up to
+    train.sequence_max_len + 1 items; the newest window only, or every transition with
+    train.sequence_windows=all), and the residual stream entering layer model.freeze_layers for
+    the input tokens `<bos> History: x_1 .. x_{n-1}` (x_n is only ever a target). "User" below
+    means one such window: a user with a long training part gives several rows."""
 
     items: list[list[int]]  # per user, oldest first, n >= 2
     states: list[torch.Tensor]  # per user (P + n - 1, d) bf16 on CPU
@@ -125,14 +130,19 @@ class UserSequences:
         """From the valid split's `seen` (each user's whole training part, in order); the lower
         pass is cached on disk under $KARMA_HOME/sequence_cache, keyed by everything it reads."""
         max_len = cfg.train.sequence_max_len
+        last_only = cfg.train.sequence_windows == "last"
         valid = data.split("valid")
+        # one row per training window (train.sequence_windows): (user, where the window starts
+        # in the user's training part, its items); the start finds its targets' queries
         users = [
-            (u, list(map(int, s))[-(max_len + 1) :]) for u, s in zip(valid.user_ids, valid.seen)
+            (u, start, seq[start:end])
+            for u, s in zip(valid.user_ids, valid.seen)
+            for seq in [list(map(int, s))]
+            for start, end in training_windows(len(seq), max_len, last_only)
         ]
-        users = [(u, s) for u, s in users if len(s) >= 2]
         if not users:
             raise DataError("train.objective=sequence: no user has 2 training items")
-        items = [s for _, s in users]
+        items = [s for _, _, s in users]
         prompt = model.prompt
         prefix = prompt.bos + prompt.history_first_ids
         x_all = model.history_proj(model.condition(model.history_cache))  # (N, d) history tokens
@@ -523,15 +533,16 @@ def _suffix_states(
     return out
 
 
-def _target_queries(train: Any, users: list[tuple[str, list[int]]]) -> list[list[str]]:
-    """Per user, the query of each readout target x_2 .. x_n: the queries of the user's last
-    n - 1 training examples, whose targets these items are (checked)."""
+def _target_queries(train: Any, users: list[tuple[str, int, list[int]]]) -> list[list[str]]:
+    """Per window (user, start, x_1 .. x_n), the query of each readout target x_2 .. x_n: the
+    queries of the user's training examples start .. start + n - 2, whose targets these items
+    are (checked; example k of a user has the user's training item k + 1 as its target)."""
     by_user: dict[str, list[int]] = {}
     for row, user in enumerate(train.user_ids):
         by_user.setdefault(user, []).append(row)
     out = []
-    for user, seq in users:
-        rows = by_user.get(user, [])[-(len(seq) - 1) :]
+    for user, start, seq in users:
+        rows = by_user.get(user, [])[start : start + len(seq) - 1]
         if [int(train.targets[r]) for r in rows] != seq[1:]:
             raise DataError(
                 f"user {user!r}: the training examples' targets do not match the training "

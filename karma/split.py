@@ -42,6 +42,22 @@ class Examples:
         return len(self.user_ids)
 
 
+def training_windows(n: int, max_len: int, last_only: bool = False) -> list[tuple[int, int]]:
+    """The training windows [start, end) of a sequence of n items, newest first: up to
+    max_len + 1 items each, cut from the end backwards and overlapping by one item, so inputs
+    window[:-1] and targets window[1:] cover every transition once. last_only: the newest
+    window alone (the older transitions are not trained on). Shared by SASRec
+    (`baseline.sasrec.windows`) and the LLM sequence objective (`train.sequence_windows`)."""
+    windows, end = [], n
+    while end >= 2:
+        start = max(0, end - max_len - 1)
+        windows.append((start, end))
+        if last_only:
+            break
+        end = start + 1
+    return windows
+
+
 # ---------------------------------------------------------------------------------------------
 # Queries
 

@@ -152,6 +152,8 @@ def test_make_windows_covers_every_transition_once():
     targets = [w[1:] for w in windows]
     assert sorted(t for ts in targets for t in ts) == sorted(seq[1:] + [2])
     assert all(len(w) <= 6 for w in windows)
+    # baseline.sasrec.windows=last: the newest window of each sequence, as the LLM recipe sees
+    assert make_windows([seq, [5], [1, 2]], max_len=5, last_only=True) == [seq[-6:], [1, 2]]
 
 
 @pytest.fixture

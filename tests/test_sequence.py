@@ -234,10 +234,72 @@ def test_several_search_examples_per_user_with_a_minimum_history(tmp_path):
     assert torch.nn.functional.cosine_similarity(trained, full, dim=-1).min() > 0.999
 
 
+def test_every_window_is_a_row_and_keeps_its_targets_queries(tmp_path):
+    """train.sequence_windows=all: the rows are every user's training part cut into windows, so
+    the readout targets are every training transition once; each row's queries are those of
+    the training examples of its targets; a search example cut in an older window is still the
+    inference prompt. With =last each user gives its newest window only."""
+    from karma.baselines.protocol import training_sequences
+    from karma.checkpoint import load_model
+    from karma.data import load_prepared
+    from karma.inference import encode_catalog, encode_users
+    from karma.sequence import UserSequences
+    from karma.split import training_windows
+    from karma.train import train
+
+    cfg = _cfg(
+        tmp_path, "data.query_mode=genre", "model.prompt_layout=history_first",
+        "train.objective=sequence", "model.readout=history", "model.history_source=cache",
+        "model.lora=true", "model.train_item_tower=false", "model.freeze_layers=1",
+        "loss.preset=karma", "train.steps=2", "train.eval_every=0", "train.save_every=2",
+        "train.sequence_max_len=4", "train.sequence_windows=all",
+    )
+    run = train(cfg)
+    model, cfg2 = load_model(run / "checkpoints" / "last")
+    data = load_prepared(cfg.data.prepared_dir)
+    seqs = UserSequences.build(model, data, cfg2, progress=False)
+    full = training_sequences(data)
+    train_split = data.split("train")
+    query_of = {}  # (user, target position in the training part) -> query
+    position: dict[str, int] = {}
+    for user, q in zip(train_split.user_ids, train_split.queries):
+        position[user] = position.get(user, 0) + 1
+        query_of[(user, position[user])] = q
+    valid = data.split("valid")
+    users = [u for u, s in zip(valid.user_ids, valid.seen) if len(s) >= 2]
+    transitions, r, older = [], 0, []
+    for user in users:
+        seq = full[user]
+        for start, end in training_windows(len(seq), 4):
+            assert seqs.items[r] == seq[start:end]
+            if end < len(seq):
+                older.append(r)
+            assert seqs.queries[r] == [query_of[(user, p)] for p in range(start + 1, end)]
+            transitions += [(user, p) for p in range(start + 1, end)]
+            r += 1
+    assert r == len(seqs) > len(users)  # older windows are rows too
+    assert sorted(transitions) == sorted(query_of)  # every training transition once
+    old = older[:3]
+    batch = seqs.batch(model, np.array(old), generator=torch.Generator().manual_seed(3))
+    draw = torch.Generator().manual_seed(3)
+    cuts = [int(torch.randint(1, len(seqs.items[i]), (1,), generator=draw)) for i in old]
+    histories = [seqs.items[i][:c] for i, c in zip(old, cuts)]
+    queries = [seqs.queries[i][c - 1] for i, c in zip(old, cuts)]
+    trained = _top_readout(model, batch["query_states"], batch["query_history_ids"],
+                           batch["query_mask"], batch["query_emb_positions"])
+    catalog = encode_catalog(model, data.items.texts, progress=False)
+    encoded = encode_users(model, histories, queries, catalog, data.items.texts)
+    assert torch.nn.functional.cosine_similarity(trained, encoded, dim=-1).min() > 0.999
+    cfg2.train.sequence_windows = "last"
+    newest = UserSequences.build(model, data, cfg2, progress=False)
+    assert newest.items == [full[u][-5:] for u in users]
+
+
 def test_search_settings_are_checked():
     from karma.config import ConfigError
 
-    for key in ("train.search_examples=0", "train.search_min_history=0"):
+    for key in ("train.search_examples=0", "train.search_min_history=0",
+                "train.sequence_windows=every", "baseline.sasrec.windows=first"):
         with pytest.raises(ConfigError, match=key.split("=")[0]):
             load_config("configs/debug.yaml", [key])
 

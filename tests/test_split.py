@@ -9,7 +9,7 @@ import pytest
 from test_tables import ITEMS, random_interactions, write_table
 
 from karma.config import ConfigError
-from karma.split import example_rng, split_leave_one_out, synthesize_query
+from karma.split import example_rng, split_leave_one_out, synthesize_query, training_windows
 from karma.tables import load_files
 
 # --- split -----------------------------------------------------------------------------------
@@ -123,3 +123,14 @@ def test_real_query_column_is_used(tmp_path):
     ]
     _, splits = _split(tmp_path, inter, query_mode="genre")
     assert splits["train"].queries == ["q2"] and splits["test"].queries == ["q4"]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 6, 7, 23])
+def test_training_windows_cover_every_transition_once_or_the_newest_window(n):
+    windows = training_windows(n, max_len=5)
+    targets = [t for start, end in windows for t in range(start + 1, end)]
+    assert sorted(targets) == list(range(1, n))  # every transition (i - 1 -> i) exactly once
+    assert all(2 <= end - start <= 6 for start, end in windows)
+    assert windows == sorted(windows, reverse=True)  # newest first
+    last = training_windows(n, max_len=5, last_only=True)
+    assert last == windows[:1] and (not last or last[0] == (max(0, n - 6), n))

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from karma.baselines.protocol import split_sequences, training_sequences
 from karma.config import Config
+from karma.split import training_windows
 
 
 class SASRecBlock(nn.Module):
@@ -132,17 +133,16 @@ def pad_left(seqs: list[list[int]], max_len: int) -> torch.Tensor:
     return out
 
 
-def make_windows(sequences: list[list[int]], max_len: int) -> list[list[int]]:
-    """Cut each sequence into windows of up to max_len + 1 items, from the end backwards, that
-    overlap by one item: inputs window[:-1] and targets window[1:] cover every transition once."""
-    windows = []
-    for seq in sequences:
-        end = len(seq)
-        while end >= 2:
-            start = max(0, end - max_len - 1)
-            windows.append(seq[start:end])
-            end = start + 1
-    return windows
+def make_windows(
+    sequences: list[list[int]], max_len: int, last_only: bool = False
+) -> list[list[int]]:
+    """Each sequence cut into windows of up to max_len + 1 items (`karma.split.training_windows`):
+    every transition once, or with last_only the newest window of each sequence only."""
+    return [
+        seq[start:end]
+        for seq in sequences
+        for start, end in training_windows(len(seq), max_len, last_only)
+    ]
 
 
 def length_bucketed_batches(
@@ -203,7 +203,7 @@ def train_sasrec(data, cfg: Config, log_path: str | Path | None = None) -> tuple
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     sequences = list(training_sequences(data).values())
-    windows = make_windows(sequences, s.max_len)
+    windows = make_windows(sequences, s.max_len, last_only=s.windows == "last")
     valid = data.split("valid")
     valid_cfg = copy.deepcopy(cfg)
     valid_cfg.eval.ks = sorted(set(cfg.eval.ks) | {10})  # model selection is on ndcg@10
