@@ -145,8 +145,10 @@ def rows() -> list[dict]:
             out.append(_llm(f"long/{dataset}/seed{seed}", "long", "karma", "none", dataset, seed,
                             [f"train.seed={seed}"], config=long_cfg))
         if dataset == "ml-100k":  # every training transition, not each user's newest 51 items
-            out.append(_llm("long-all/ml-100k/seed0", "long-all", "karma", "none", dataset, 0,
-                            ["train.seed=0", "train.sequence_windows=all"], config=long_cfg))
+            for seed in SEEDS:
+                out.append(_llm(f"long-all/ml-100k/seed{seed}", "long-all", "karma", "none",
+                                dataset, seed, [f"train.seed={seed}", "train.sequence_windows=all"],
+                                config=long_cfg))
         if dataset == "ml-100k":  # the search setting trained as long (one seed so far)
             long_search = _llm("long-search/ml-100k/seed0", "long-search", "karma", "genre",
                                dataset, 0, ["train.seed=0"],

@@ -429,9 +429,12 @@ def _train(cfg: Config, resume: bool, dist: Any, monitor_factory: MonitorFactory
         elif log_path.exists():
             log_path.unlink()
         writer = _tensorboard_writer(run_dir)
+        what = "examples"
+        if sequences is not None:  # how much of the training data the windows cover
+            targets = sum(len(s) - 1 for s in sequences.items)
+            what = f"user sequence windows ({targets:,} next-item readout targets)"
         print(
-            f"training {cfg.loss.preset} ({tc.objective} objective) on {n_examples} "
-            f"{'user sequences' if sequences is not None else 'examples'}, "
+            f"training {cfg.loss.preset} ({tc.objective} objective) on {n_examples} {what}, "
             f"{sum(p.numel() for p in params):,} trainable params, world size "
             f"{dist.world_size}, device {device}, steps {state.step}->{tc.steps}"
         )

@@ -27,6 +27,17 @@ def _cfg(tmp_path, *extra):
     )
 
 
+def _search_cfg(tmp_path, *extra, preset="action_only", steps=2):
+    """The search setting's sequence recipe on the debug model (`extra` applied last)."""
+    return _cfg(
+        tmp_path, "data.query_mode=genre", "model.prompt_layout=history_first",
+        "train.objective=sequence", "model.readout=history", "model.history_source=cache",
+        "model.lora=true", "model.train_item_tower=false", "model.freeze_layers=1",
+        f"loss.preset={preset}", f"train.steps={steps}", "train.eval_every=0",
+        f"train.save_every={steps}", "train.sequence_max_len=12", *extra,
+    )
+
+
 def test_standardized_catalog_has_zero_mean_unit_variance(tmp_path):
     torch.manual_seed(0)
     model = build_model(_cfg(tmp_path))
@@ -151,13 +162,7 @@ def test_search_examples_are_the_inference_prompt(tmp_path, search_readout):
     from karma.sequence import UserSequences
     from karma.train import train
 
-    cfg = _cfg(
-        tmp_path, "data.query_mode=genre", "model.prompt_layout=history_first",
-        "train.objective=sequence", "model.readout=history", "model.history_source=cache",
-        "model.lora=true", "model.train_item_tower=false", "model.freeze_layers=1",
-        "loss.preset=action_only", "train.steps=3", "train.eval_every=0", "train.save_every=3",
-        "train.sequence_max_len=12", f"model.search_readout={search_readout}",
-    )
+    cfg = _search_cfg(tmp_path, f"model.search_readout={search_readout}", steps=3)
     run = train(cfg)
     assert "query_act_loss" in (run / "log.jsonl").read_text()
     model, cfg2 = load_model(run / "checkpoints" / "last")
@@ -197,17 +202,10 @@ def test_several_search_examples_per_user_with_a_minimum_history(tmp_path):
     every one is still the inference prompt (readout equals encode_users)."""
     from karma.checkpoint import load_model
     from karma.data import load_prepared
-    from karma.inference import encode_catalog, encode_users
     from karma.sequence import UserSequences
     from karma.train import train
 
-    cfg = _cfg(
-        tmp_path, "data.query_mode=genre", "model.prompt_layout=history_first",
-        "train.objective=sequence", "model.readout=history", "model.history_source=cache",
-        "model.lora=true", "model.train_item_tower=false", "model.freeze_layers=1",
-        "loss.preset=action_only", "train.steps=2", "train.eval_every=0", "train.save_every=2",
-        "train.sequence_max_len=12", "train.search_examples=3", "train.search_min_history=4",
-    )
+    cfg = _search_cfg(tmp_path, "train.search_examples=3", "train.search_min_history=4")
     run = train(cfg)
     model, cfg2 = load_model(run / "checkpoints" / "last")
     data = load_prepared(cfg.data.prepared_dir)
@@ -225,8 +223,16 @@ def test_several_search_examples_per_user_with_a_minimum_history(tmp_path):
             assert cuts[-1] >= min(4, n - 1)
     assert batch["query_states"].shape[0] == 12 == batch["query_targets"].shape[0]
     assert batch["query_targets"].tolist() == [seqs.items[r][c] for r, c in zip(users, cuts)]
-    histories = [seqs.items[r][:c] for r, c in zip(users, cuts)]
-    queries = [seqs.queries[r][c - 1] for r, c in zip(users, cuts)]
+    _assert_search_examples_are_inference(model, data, seqs, batch, users, cuts)
+
+
+def _assert_search_examples_are_inference(model, data, seqs, batch, rows, cuts):
+    """The top-layer readout of each search example of `batch` (row, cut) equals the whole LLM
+    on the inference prompt: history x_1 .. x_cut and the query of x_{cut+1}."""
+    from karma.inference import encode_catalog, encode_users
+
+    histories = [seqs.items[r][:c] for r, c in zip(rows, cuts)]
+    queries = [seqs.queries[r][c - 1] for r, c in zip(rows, cuts)]
     trained = _top_readout(model, batch["query_states"], batch["query_history_ids"],
                            batch["query_mask"], batch["query_emb_positions"])
     catalog = encode_catalog(model, data.items.texts, progress=False)
@@ -242,17 +248,12 @@ def test_every_window_is_a_row_and_keeps_its_targets_queries(tmp_path):
     from karma.baselines.protocol import training_sequences
     from karma.checkpoint import load_model
     from karma.data import load_prepared
-    from karma.inference import encode_catalog, encode_users
     from karma.sequence import UserSequences
     from karma.split import training_windows
     from karma.train import train
 
-    cfg = _cfg(
-        tmp_path, "data.query_mode=genre", "model.prompt_layout=history_first",
-        "train.objective=sequence", "model.readout=history", "model.history_source=cache",
-        "model.lora=true", "model.train_item_tower=false", "model.freeze_layers=1",
-        "loss.preset=karma", "train.steps=2", "train.eval_every=0", "train.save_every=2",
-        "train.sequence_max_len=4", "train.sequence_windows=all",
+    cfg = _search_cfg(
+        tmp_path, "train.sequence_max_len=4", "train.sequence_windows=all", preset="karma"
     )
     run = train(cfg)
     model, cfg2 = load_model(run / "checkpoints" / "last")
@@ -283,13 +284,7 @@ def test_every_window_is_a_row_and_keeps_its_targets_queries(tmp_path):
     batch = seqs.batch(model, np.array(old), generator=torch.Generator().manual_seed(3))
     draw = torch.Generator().manual_seed(3)
     cuts = [int(torch.randint(1, len(seqs.items[i]), (1,), generator=draw)) for i in old]
-    histories = [seqs.items[i][:c] for i, c in zip(old, cuts)]
-    queries = [seqs.queries[i][c - 1] for i, c in zip(old, cuts)]
-    trained = _top_readout(model, batch["query_states"], batch["query_history_ids"],
-                           batch["query_mask"], batch["query_emb_positions"])
-    catalog = encode_catalog(model, data.items.texts, progress=False)
-    encoded = encode_users(model, histories, queries, catalog, data.items.texts)
-    assert torch.nn.functional.cosine_similarity(trained, encoded, dim=-1).min() > 0.999
+    _assert_search_examples_are_inference(model, data, seqs, batch, old, cuts)
     cfg2.train.sequence_windows = "last"
     newest = UserSequences.build(model, data, cfg2, progress=False)
     assert newest.items == [full[u][-5:] for u in users]
@@ -349,13 +344,7 @@ def test_query_candidates_loss_scores_the_target_among_the_query_items(tmp_path)
         user @ items[keep].T / tau, torch.tensor([0, 1, 2]))
     assert torch.allclose(candidates_softmax_loss(user, items, targets, tau, allowed), subset)
 
-    cfg = _cfg(
-        tmp_path, "data.query_mode=genre", "model.prompt_layout=history_first",
-        "train.objective=sequence", "model.readout=history", "model.history_source=cache",
-        "model.lora=true", "model.train_item_tower=false", "model.freeze_layers=1",
-        "loss.preset=action_only", "train.steps=2", "train.eval_every=0", "train.save_every=2",
-        "train.sequence_max_len=12", "loss.query_candidates_weight=1.0",
-    )
+    cfg = _search_cfg(tmp_path, "loss.query_candidates_weight=1.0")
     run = train(cfg)
     assert "query_candidates_loss" in (run / "log.jsonl").read_text()
     from karma.checkpoint import load_model
