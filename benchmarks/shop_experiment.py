@@ -10,7 +10,7 @@ Stages: `karma shop` (Fashion-MNIST pictures, seed 0), `karma data prepare` (fro
 EfficientNet-Lite0 features), then per method and seed the test-split user and item embeddings:
 popularity and SASRec from karma.baselines, the LLM presets trained with a CPU demo recipe
 (`--recipe prompt`: karma.demo.CPU_RECIPE, SmolLM2-135M, LoRA, cached history; `--recipe search`:
-SEARCH_CPU_RECIPE, the dense sequence objective with one search example per user and step;
+SEARCH_CPU_RECIPE, the dense sequence objective with four search examples per user and step;
 `--steps` overrides the recipe's steps) and exported from checkpoints/best with
 `karma.evaluate.export_embeddings`, the path of `karma export`. Every method is scored by
 `karma.evaluate.evaluate_embeddings` (full catalog, seen items masked, pessimistic ties) on all
@@ -180,7 +180,8 @@ def recipe_text(recipe: str, cfg) -> str:
         return (f"the CPU demo's prompt recipe (LoRA r={m.lora_r}, cached history refreshed every "
                 f"{m.cache_refresh_steps} steps")
     return (f"the CPU demo's search recipe (train.objective=sequence: a next-item readout at "
-            f"every history position and one search example per user and step, the lower "
+            f"every history position and {cfg.train.search_examples} search example(s) per user "
+            f"and step, the lower "
             f"{m.freeze_layers} layers frozen and cached, LoRA r={m.lora_r} on the rest, item IDs "
             f"with dropout {m.id_dropout}")
 

@@ -199,8 +199,8 @@ class UserSequences:
         on), attention_mask (B, T), history_ids (B, T) item per history token (-1 elsewhere),
         readout_rows / readout_cols / readout_targets (R,) every dense readout, last_cols (B,)
         the last readout of each user, user_labels (B, T) (L_gen), rec_* (L_rec, built by
-        the objective from target_ids). With queries, query_* (one search example per user,
-        its cut drawn from `generator`; see `_query_examples`)."""
+        the objective from target_ids). With queries, query_* (`search_examples` search
+        examples per user, each cut drawn from `generator`; see `_query_examples`)."""
         rows = [int(r) for r in rows]
         device = model.device
         d = self.states[rows[0]].shape[1]
