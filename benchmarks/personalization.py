@@ -196,6 +196,14 @@ def _baseline(row_id, preset, dataset, seed, query_mode, overrides):
             "overrides": overrides}
 
 
+def _checkpoint(row: dict) -> str:
+    """The checkpoint a row (or a row evaluating another's checkpoint) is tested on: the long
+    recipes train past their best validation point (ML-100K: best at step 1,000 of 3,000,
+    docs/decisions.md), so their rows evaluate the checkpoint selected on validation."""
+    return "best" if row["recipe"].removesuffix("-filter") in (
+        "long", "long-all", "long-search") else "last"
+
+
 def commands(row: dict) -> list[list[str]]:
     run = ROOT / row["id"]
     karma = [sys.executable, "-m", "karma"]
@@ -204,14 +212,11 @@ def commands(row: dict) -> list[list[str]]:
                          *row["overrides"]]]
     if row.get("checkpoint_of"):  # another row's checkpoint, evaluated with other settings
         return [karma + ["eval", "--checkpoint", str(ROOT / row["checkpoint_of"] / "checkpoints" /
-                                                     "last"), "--out", str(run / "eval"),
+                                                     _checkpoint(row)), "--out", str(run / "eval"),
                          *row["overrides"]]]
     train = karma + ["train", "--config", row["config"], *row["overrides"],
                      f"train.output_dir={run}"]
-    # the long recipe trains past its best validation point (ML-100K: best at step 1,000 of
-    # 3,000, docs/decisions.md): its rows evaluate the checkpoint selected on validation
-    ckpt = "best" if row["recipe"] in ("long", "long-all", "long-search") else "last"
-    evaluate = karma + ["eval", "--checkpoint", str(run / "checkpoints" / ckpt),
+    evaluate = karma + ["eval", "--checkpoint", str(run / "checkpoints" / _checkpoint(row)),
                         "--out", str(run / "eval")]
     return [train, evaluate]
 
