@@ -44,8 +44,11 @@ from karma.evaluate import cold_rows, evaluate_embeddings  # noqa: E402
 from karma.metrics import metrics_from_ranks, target_ranks  # noqa: E402
 from karma.report import shared_cpu_run  # noqa: E402
 
-LLM_METHODS = ("action_only", "karma", "karma_mm")
+# karma_mm takes the recipe's image fusion (the search recipe: late, model.image_fusion);
+# karma_mm_token is karma_mm with the image token only, the path the paper describes
+LLM_METHODS = ("action_only", "karma", "karma_mm", "karma_mm_token")
 METHODS = ("popularity", "sasrec", *LLM_METHODS)
+DEFAULT_METHODS = ("popularity", "sasrec", "action_only", "karma", "karma_mm")
 SLICES = ("all", "cold", "colour missing", "colour in title")
 COLUMNS = ("hr@10", "ndcg@10", "hr@50", "hr@200")
 RECIPES = {"prompt": CPU_RECIPE, "search": SEARCH_CPU_RECIPE}
@@ -60,12 +63,9 @@ def subset(examples, rows: np.ndarray):
     return dataclasses.replace(examples, **fields)
 
 
-def slice_rows(data, examples, shop: Path, cold_threshold: int) -> dict[str, np.ndarray]:
-    truth = pq.read_table(shop / "truth" / "items.parquet", columns=["item_id", "colour_in_title"])
-    in_title = dict(zip(truth.column("item_id").to_pylist(),
-                        truth.column("colour_in_title").to_pylist()))  # fmt: skip
-    target_ids = [data.items.item_ids[int(t)] for t in examples.targets]
-    has_colour = np.array([bool(in_title[i]) for i in target_ids])
+def slice_rows(data, examples, in_title: np.ndarray, cold_threshold: int) -> dict[str, np.ndarray]:
+    """Test rows per slice; in_title (N,): whether each item's title names its colour."""
+    has_colour = in_title[np.asarray(examples.targets, dtype=np.int64)]
     return {
         "all": np.arange(len(examples)),
         "cold": np.flatnonzero(cold_rows(data, examples, cold_threshold)),
@@ -100,13 +100,16 @@ def embeddings(method: str, seed: int, cfg, data, examples, run_dir: Path) -> di
         from karma.evaluate import export_embeddings
         from karma.train import train
 
-        cfg.loss.preset = method
+        cfg.loss.preset = "karma_mm" if method == "karma_mm_token" else method
+        if method == "karma_mm_token":
+            cfg.model.image_fusion = "token"
+        info["image_fusion"] = cfg.model.image_fusion if cfg.loss.preset == "karma_mm" else None
         cfg.train.output_dir = str(run_dir / "train")
         resume = (run_dir / "train" / "checkpoints" / "last" / "state.pt").exists()
         train(cfg, resume=resume)
         summary = json.loads((run_dir / "train" / "train_summary.json").read_text())
-        info = {"train_wall_s": summary["wall_time_s"], "best_val": summary["best_val"],
-                "final_losses": summary["final_losses"]}  # fmt: skip
+        info.update(train_wall_s=summary["wall_time_s"], best_val=summary["best_val"],
+                    final_losses=summary["final_losses"])  # fmt: skip
         export = export_embeddings(run_dir / "train" / "checkpoints" / "best", run_dir / "export",
                                    fmt="npy", overrides=["eval.split=test"])  # fmt: skip
         user, item = np.load(export / "user_emb.npy"), np.load(export / "item_emb.npy")
@@ -154,6 +157,33 @@ def oracle_scores(shop: Path, data, examples, rows: dict[str, np.ndarray], ks) -
         if len(idx):
             out[name] = {**metrics_from_ranks(ranks[idx], ks), "users": int(len(idx))}
     return out
+
+
+def item_truth(data, shop: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(colour (N,) str, colour_in_title (N,) bool) of the catalog's items, in item_idx order."""
+    truth = pq.read_table(shop / "truth" / "items.parquet",
+                          columns=["item_id", "colour", "colour_in_title"]).to_pydict()  # fmt: skip
+    row = {i: n for n, i in enumerate(truth["item_id"])}
+    rows = [row[i] for i in data.items.item_ids]
+    return (np.array([truth["colour"][r] for r in rows]),
+            np.array([truth["colour_in_title"][r] for r in rows]))  # fmt: skip
+
+
+def colour_probe(features: np.ndarray, colour: np.ndarray, in_title: np.ndarray) -> dict:
+    """How much of each item's colour a linear read of `features` (N, D) recovers: out-of-fold
+    predictions (5 stratified folds, seed 0) of a multinomial logistic regression on the
+    standardized features; accuracy on the items whose title names the colour and on those whose
+    title leaves it out (only the picture shows it there)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    hit = cross_val_predict(probe, features, colour, cv=folds) == colour
+    return {"colour missing": float(hit[~in_title].mean()),
+            "colour in title": float(hit[in_title].mean())}  # fmt: skip
 
 
 def paired_hits(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 10) -> tuple[int, int]:
@@ -222,7 +252,7 @@ def main() -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="prompt",
                         help="the LLM presets' demo recipe: prompt (karma.demo.CPU_RECIPE) or "
                         "search (SEARCH_CPU_RECIPE, the dense sequence objective with queries)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--out", default="runs/shop_experiment")
     parser.add_argument("--results", default="benchmarks/results/shop_experiment_cpu")
     parser.add_argument("overrides", nargs="*", help="config overrides after the recipe (smoke "
@@ -247,11 +277,17 @@ def main() -> None:
     walls["prepare (image features)"] = time.perf_counter() - t
     data = load_or_prepare(cfg)
     examples = data.split("test")
-    rows = slice_rows(data, examples, shop, cfg.eval.cold_threshold)
+    colour, in_title = item_truth(data, shop)
+    rows = slice_rows(data, examples, in_title, cfg.eval.cold_threshold)
     ks = sorted(set(cfg.eval.ks))
 
     results: dict[str, dict] = {}
     ranks: dict[str, dict[int, np.ndarray]] = {}
+    probes: dict[str, list[dict]] = {
+        "image features (frozen EfficientNet-Lite0)": [
+            colour_probe(np.load(out / "prepared" / "image_features.npy"), colour, in_title)
+        ]
+    }
     for method in args.methods:
         # popularity is deterministic: one run whatever the seeds
         seeds = [0] if method == "popularity" else args.seeds
@@ -262,6 +298,9 @@ def main() -> None:
             info = {k: v for k, v in emb.items() if k not in ("user", "item")}
             results.setdefault(method, {})[seed] = {"metrics": res, **info}
             ranks.setdefault(method, {})[seed] = user_ranks(emb["user"], emb["item"], examples)
+            if method != "popularity":  # popularity's item vectors are a constant
+                probe = colour_probe(emb["item"], colour, in_title)
+                probes.setdefault(f"{method} item embeddings", []).append(probe)
             walls[f"{method} seed {seed}"] = info["wall_s"]
     oracle = oracle_scores(shop, data, examples, rows, ks)
 
@@ -291,7 +330,10 @@ def main() -> None:
         f"history {cfg.data.max_history}, batch {cfg.train.batch_size}, {args.steps} "
         f"steps, validation HR@10 on {cfg.train.eval_users} users picks checkpoints/best; extra "
         f"overrides: {args.overrides or 'none'}), seeds {args.seeds}; karma_mm adds the image "
-        f"token and L_img (model.image_dim=1280, lambda_img={cfg.loss.lambda_img}). SASRec: "
+        f"(model.image_dim=1280, model.image_fusion={cfg.model.image_fusion}) and L_img "
+        f"(lambda_img={cfg.loss.lambda_img}); karma_mm_token reads the image as a token only "
+        f"(model.image_fusion=token), whose projection this recipe freezes at its random start "
+        f"when it caches the item tower (karma/sequence.py). SASRec: "
         f"karma.baselines defaults. Oracle: the simulator's utility ranking without noise "
         f"(oracle.parquet), masked the same way.",
         "",
@@ -335,7 +377,19 @@ def main() -> None:
                   f"HR@10 on colour-missing queries: karma_mm {mm:.4f}, karma {km:.4f} "
                   f"({'karma_mm higher' if mm > km else 'karma_mm not higher'}); "
                   + "; ".join(verdict) + ".", ""]  # fmt: skip
-    lines += ["## Wall time (s)", "", "| stage | seconds |", "|---|---|"]
+    majority = max(np.mean(colour[~in_title] == c) for c in set(colour))
+    lines += ["## Does the colour reach the item embeddings?", "",
+              f"A linear probe reads each item's colour ({len(set(colour))} colours) from its "
+              "vector (5-fold out-of-fold logistic regression, `colour_probe`); accuracy on the "
+              f"{int((~in_title).sum())} items whose title leaves the colour out (the most "
+              f"common colour alone: {majority:.3f}) and on the {int(in_title.sum())} whose "
+              "title names it. Mean over seeds.", "",
+              "| vectors | seeds | colour missing | colour in title |", "|---|---|---|---|"]
+    for name, runs in probes.items():
+        cells = [f"{np.mean([r[k] for r in runs]):.3f}" for k in ("colour missing",
+                                                                   "colour in title")]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Wall time (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in walls.items()]
     lines += ["", f"![HR@10 by slice]({Path(args.results).name}.png)", ""]
     results_path = Path(args.results)
@@ -346,6 +400,7 @@ def main() -> None:
         "machine": machine, "args": vars(args), "slice_users": slice_users,
         "results": {m: {str(s): r for s, r in by.items()} for m, by in results.items()},
         "oracle": oracle, "walls_s": walls, "karma_mm_vs_karma": verdict,
+        "colour_probe": probes,
     }, indent=1))  # fmt: skip
     print("\n".join(lines))
 

@@ -352,7 +352,10 @@ class BatchBuilder:
         unique = list(pool)
 
         image = self.image_features is not None
-        item_seqs = [prompt.item(ids, image=image) for ids in self._item_text_ids(unique)]
+        item_seqs = [
+            prompt.item(ids, image=image and self.cfg.model.image_token)
+            for ids in self._item_text_ids(unique)
+        ]
         item_ids, item_mask, _ = pad_sequences(item_seqs, prompt.pad_id, self.padding_side)
         batch: dict[str, torch.Tensor] = {
             "item_input_ids": item_ids,

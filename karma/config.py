@@ -57,6 +57,13 @@ class ModelConfig:
     cache_refresh_steps: int = 100
     rec_tokens: int = 2  # m soft tokens R(u) for the reconstruction pass
     image_dim: int = 0  # frozen image feature size; 0 means no image token
+    # How the frozen image features enter (model.image_dim > 0): token (the item tower reads
+    # `<IMG> text <ITEM>`, the image through the image projection) | late (trainable maps of the
+    # features added to e_i and to each history token entering layer model.freeze_layers, where
+    # item IDs are added) | both. The sequence objective freezes and caches the item tower and the
+    # lower layers, and with them the image projection at its random start: there only the late
+    # path learns from the images
+    image_fusion: str = "token"
     max_item_tokens: int = 32
     max_target_tokens: int = 32
     max_query_tokens: int = 16
@@ -91,6 +98,16 @@ class ModelConfig:
     train_item_tower: bool = True
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
+
+    @property
+    def image_token(self) -> bool:
+        """Whether the item tower reads an image token (model.image_fusion token or both)."""
+        return self.image_dim > 0 and self.image_fusion != "late"
+
+    @property
+    def image_late(self) -> bool:
+        """Whether late image maps join e_i and the history tokens (image_fusion late or both)."""
+        return self.image_dim > 0 and self.image_fusion != "token"
 
 
 @dataclass
@@ -387,6 +404,7 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
      "one of query_first, history_first"),
     ("model.search_readout", lambda v: v in ("query", "sum"), "one of query, sum"),
     ("model.id_dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
+    ("model.image_fusion", lambda v: v in ("token", "late", "both"), "one of token, late, both"),
     ("loss.catalog_samples", lambda v: v >= 0, ">= 0 (0 = the whole catalog)"),
     ("loss.rec_users", lambda v: v >= 0, ">= 0 (0 = every user of the batch)"),
     ("loss.query_candidates_weight", lambda v: v >= 0, ">= 0 (0 = off)"),

@@ -67,6 +67,10 @@ SEQUENCE_CPU_RECIPE = [
     "model.item_norm=standardize",
     "model.item_ids=true",
     "model.id_dropout=0.1",
+    # with images (karma_mm): the image token's projection would be frozen at its random start
+    # with the cached tower; the late maps train (shop colour probe: benchmarks/results/
+    # shop_experiment_search_cpu.md)
+    "model.image_fusion=late",
     "data.query_mode=none",
     "data.max_history=50",
     "train.objective=sequence",

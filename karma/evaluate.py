@@ -387,6 +387,7 @@ def _load_for_eval(checkpoint: str | Path, overrides: Sequence[str] | None):
 
     model, cfg = load_model(checkpoint, overrides)
     data = load_or_prepare(cfg)
+    model.set_image_table(data.model_image_features(cfg.model.image_dim))
     if cfg.eval.split not in ("train", "valid", "test"):
         raise KarmaError(f"eval.split: expected train, valid or test, got '{cfg.eval.split}'")
     examples = data.split(cfg.eval.split)

@@ -17,8 +17,8 @@ so the key/values of a prefix computed once can be reused and only the rest is r
   the history before the query a new query runs only its own tokens, and a new click runs only
   the new item onwards; in the query-first layout the query-less case runs `<EMB>` alone.
 
-With LoRA the prompts run through a copy of the backbone with the adapters merged; with
-model.item_ids the ID embeddings of the new history tokens join the residual stream at layer
+With LoRA the prompts run through a copy of the backbone with the adapters merged; the new
+history tokens' `history_residual` (item IDs, late image maps) joins the residual stream at layer
 model.freeze_layers, as in `KarmaModel.run_decoder`. With `runtime="onnx"` or `"onnx-int8"`
 (serve.runtime) the same decoder runs exported, in ONNX Runtime (karma/onnx_decoder.py).
 
@@ -94,20 +94,22 @@ def _decoder(model: Any) -> torch.nn.Module:
 
 
 def _residual_site(model: Any, decoder: torch.nn.Module) -> str | None:
-    """The decoder submodule whose input gets the ID embeddings of a hybrid model
-    (model.item_ids): layer model.freeze_layers, where `KarmaModel.run_decoder` adds them, or
-    with all layers frozen the final norm. None without model.item_ids."""
-    if not model.cfg.model.item_ids:
+    """The decoder submodule whose input gets the history tokens' `history_residual` (ID
+    embeddings of a hybrid model, late image maps): layer model.freeze_layers, where
+    `KarmaModel.run_decoder` adds it, or with all layers frozen the final norm. None for a
+    model without one."""
+    if not model.has_history_residual:
         return None
     cut = model.cfg.model.freeze_layers
     return f"layers.{cut}" if cut < len(decoder.layers) else "norm"
 
 
-def _id_residual(model: Any, history_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """ID embeddings (B, N, d) of history_ids (B, N) (item index per token, -1 elsewhere)."""
-    if history_ids is None or not model.cfg.model.item_ids:
+def _history_residual(model: Any, history_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """`KarmaModel.history_residual` (B, N, d) of history_ids (B, N) (item index per token, -1
+    elsewhere); None for a model without one."""
+    if history_ids is None or not model.has_history_residual:
         return None
-    return model.history_id_tokens(history_ids)
+    return model.history_residual(history_ids)
 
 
 @contextmanager
@@ -380,7 +382,7 @@ class FastUserEncoder:
         extra = None
         if self.hist_id is not None:
             history_ids = torch.tensor(item_rows, dtype=torch.long, device=device)
-            extra = _id_residual(model, history_ids)
+            extra = _history_residual(model, history_ids)
         if self.onnx is not None:
             states, kv = self.onnx(inputs_embeds, position_ids, attention_mask, past, extra)
         else:

@@ -67,24 +67,29 @@ def encode_catalog(
 ) -> CatalogEncoding:
     """Item tower over a catalog; rows follow `item_texts`."""
     feats = check_image_features(model, image_features, len(item_texts))
+    # Each row's features go with it: to the image token, and to the late image maps
+    # (model.image_fusion), which so serve any catalog (the model's, a probe's local one).
+    tower_reads_image = feats is not None and model.cfg.model.image_token
     was_training = model.training
     model.eval()
     prompt = model.prompt
     seqs = [
-        prompt.item(ids, image=feats is not None) for ids in prompt.encode_many(list(item_texts))
+        prompt.item(ids, image=tower_reads_image)
+        for ids in prompt.encode_many(list(item_texts))
     ]
     # A frozen item tower (model.train_item_tower=false: the pretrained LLM, adapters off) is a
     # pure function of the backbone, the <ITEM> row and the item tokens: its states are kept on
     # disk, so training, validation and evaluation of the same catalog run it once.
     cache_path = None
-    if not model.cfg.model.train_item_tower and feats is None:
+    if not model.cfg.model.train_item_tower and not tower_reads_image:
         cache_path = _frozen_catalog_path(model, seqs)
         if cache_path.exists():
             item_hidden = torch.load(cache_path, weights_only=True)
             ids = torch.arange(len(seqs), device=model.device)
-            item_emb = model.item_embedding(item_hidden.to(model.device), ids).float().cpu()
+            late = feats.to(model.device) if feats is not None else None
+            item_emb = model.item_embedding(item_hidden.to(model.device), ids, late)
             model.train(was_training)
-            return CatalogEncoding(item_emb=item_emb, item_hidden=item_hidden)
+            return CatalogEncoding(item_emb=item_emb.float().cpu(), item_hidden=item_hidden)
     # Batches of similar length waste little compute on padding.
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     item_emb = torch.zeros(len(seqs), model.cfg.model.emb_dim)
@@ -128,10 +133,11 @@ def catalog_from_history_cache(model: KarmaModel) -> CatalogEncoding | None:
     (model.train_item_tower=false, no image token), else None.
 
     The frozen tower's states are the cache itself, so the training loop's validation need
-    not run the item tower again (about a minute per validation for ML-100K on the CPU).
+    not run the item tower again (about a minute per validation for ML-100K on the CPU). Late
+    image maps read the image table the cache was filled with.
     """
     cache = model.history_cache
-    if model.cfg.model.train_item_tower or model.cfg.model.image_dim > 0 or cache.shape[0] == 0:
+    if model.cfg.model.train_item_tower or model.cfg.model.image_token or cache.shape[0] == 0:
         return None
     ids = torch.arange(cache.shape[0], device=cache.device)
     item_emb = model.item_embedding(cache, ids)

@@ -11,7 +11,9 @@ and users is karma/inference.py, prompt layouts are karma/batching.py and weight
 loaded by karma/checkpoint.py.
 
 Item tower: `<bos> [<IMG>] text <ITEM>`; h_i = last hidden state at <ITEM>;
-e_i = normalize(W_e h_i).
+e_i = normalize(W_e h_i). With model.image_fusion late (or both) the image enters after the
+frozen parts instead (or as well): trainable maps of the frozen features v_i are added to e_i and
+to each history token entering layer model.freeze_layers, where item IDs are added.
 User tower (continuous): `<bos> Query: q History: x_1 .. x_n <EMB>` through inputs_embeds with
 x_i = P_h(h_i) one input embedding per history item; u = normalize(W_u h_<EMB>). The `text`
 interface writes the history items out instead. Train-only heads: R (u -> m soft tokens for
@@ -123,13 +125,20 @@ class KarmaModel(nn.Module):
         m = mcfg.rec_tokens
         self.rec_head = nn.Sequential(nn.Linear(k, d), nn.GELU(), nn.Linear(d, m * d))  # R
         self.rec_norm = _scaled_rmsnorm(d, emb_rms)
-        if mcfg.image_dim > 0:
+        if mcfg.image_token:
             self.image_proj = nn.Sequential(
                 nn.Linear(mcfg.image_dim, d),
                 nn.GELU(),
                 nn.Linear(d, d),
                 _scaled_rmsnorm(d, emb_rms),
             )
+        if mcfg.image_late:
+            self.image_item = _late_image_map(mcfg.image_dim, k)  # added to W_e h_i
+            self.image_history = _late_image_map(mcfg.image_dim, d)  # added to history tokens
+            # The catalog's frozen features (N, image_dim), set with the catalog
+            # (set_image_table); not saved, the prepared dataset keeps them.
+            self.register_buffer("image_table", torch.zeros(0, mcfg.image_dim), persistent=False)
+        if mcfg.image_dim > 0:
             self.image_head = nn.Sequential(
                 nn.Linear(k, d), nn.GELU(), nn.Linear(d, mcfg.image_dim)
             )  # g
@@ -212,14 +221,15 @@ class KarmaModel(nn.Module):
         """Last hidden states (after the final norm) for left- or right-padded inputs.
 
         Position ids count real tokens only, so a sequence gets the same positions whatever its
-        padding. history_ids (B, T): the item index of each history token, -1 elsewhere; with
-        model.item_ids their ID embeddings join the residual stream at the first trainable
-        layer (model.freeze_layers), so frozen lower layers stay a pure function of the text.
+        padding. history_ids (B, T): the item index of each history token, -1 elsewhere; their
+        `history_residual` (ID embeddings, late image maps) joins the residual stream at the
+        first trainable layer (model.freeze_layers), so frozen lower layers stay a pure function
+        of the text.
         (B, T, d) -> (B, T, d)
         """
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         decoder = self.base_lm.get_decoder()
-        if history_ids is None or not self.cfg.model.item_ids:
+        if history_ids is None or not self.has_history_residual:
             out = decoder(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -228,7 +238,7 @@ class KarmaModel(nn.Module):
             )
             return out.last_hidden_state
         hidden = self.run_lower(inputs_embeds, attention_mask)
-        hidden = hidden + self.history_id_tokens(history_ids).to(hidden.dtype)
+        hidden = hidden + self.history_residual(history_ids).to(hidden.dtype)
         return self.run_from_layer(hidden, attention_mask, self.cfg.model.freeze_layers)
 
     def run_from_layer(
@@ -323,19 +333,57 @@ class KarmaModel(nn.Module):
             keep = keep & (torch.rand(ids.shape, device=ids.device) >= p)
         return table[ids] * keep.unsqueeze(-1).to(table.dtype)
 
-    def history_id_tokens(self, history_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) item index per position (-1 = none) -> (B, T, d) ID vectors to add."""
-        return self._id_rows(self.history_id_emb, history_ids)
+    @torch.no_grad()
+    def set_image_table(self, image_features: Any) -> None:
+        """The catalog's frozen image features (N, image_dim) (array or tensor, rows in catalog
+        order), where the late image maps look up history items; called where a model meets its
+        prepared catalog (training, evaluation, serving, analysis). A no-op for None or for a
+        model without late image maps."""
+        if self.cfg.model.image_late and image_features is not None:
+            self.image_table = torch.as_tensor(image_features).to(self.device, torch.float32)
+
+    def _image_rows(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Frozen image features of item_ids (any shape, -1 = none: zeros). -> (..., image_dim)"""
+        n = self.image_table.shape[0]
+        if n == 0:
+            raise KarmaError(
+                f"model.image_fusion={self.cfg.model.image_fusion} adds each item's image "
+                "features, but the model has none: encode the catalog with its image_features "
+                "first (karma.inference.encode_catalog) or call set_image_table"
+            )
+        if int(item_ids.max()) >= n:
+            raise KarmaError(f"item {int(item_ids.max())} outside the {n} image features")
+        valid = (item_ids >= 0).unsqueeze(-1)
+        return self.image_table[item_ids.clamp(min=0)] * valid
+
+    @property
+    def has_history_residual(self) -> bool:
+        """Whether history tokens get a `history_residual` (item IDs or late image maps)."""
+        return self.cfg.model.item_ids or self.cfg.model.image_late
+
+    def history_residual(self, history_ids: torch.Tensor) -> torch.Tensor:
+        """What joins each history token entering layer model.freeze_layers: its ID embedding
+        (model.item_ids) plus its late image map (model.image_fusion late/both), zero where
+        history_ids is -1. (B, T) -> (B, T, d)"""
+        mcfg = self.cfg.model
+        out = history_ids.new_zeros((*history_ids.shape, self.hidden_size), dtype=torch.float32)
+        if mcfg.item_ids:
+            out = out + self._id_rows(self.history_id_emb, history_ids)
+        if mcfg.image_late:
+            valid = (history_ids >= 0).unsqueeze(-1)
+            out = out + self.image_history(self._image_rows(history_ids)) * valid
+        return out
 
     @contextmanager
-    def item_ids_injected(self, history_ids: torch.Tensor | None):
-        """While active, a plain call of the HF decoder adds the history tokens' ID embeddings
-        where `run_decoder` adds them (entering layer model.freeze_layers): for code that needs
-        the decoder's own outputs, e.g. attentions in karma.analysis. history_ids (B, T)."""
-        if history_ids is None or not self.cfg.model.item_ids:
+    def history_residual_injected(self, history_ids: torch.Tensor | None):
+        """While active, a plain call of the HF decoder adds the history tokens'
+        `history_residual` where `run_decoder` adds it (entering layer model.freeze_layers): for
+        code that needs the decoder's own outputs, e.g. attentions in karma.analysis.
+        history_ids (B, T)."""
+        if history_ids is None or not self.has_history_residual:
             yield
             return
-        ids = self.history_id_tokens(history_ids)  # (B, T, d)
+        ids = self.history_residual(history_ids)  # (B, T, d)
 
         def add_ids(module, args, kwargs):
             if args:
@@ -352,12 +400,26 @@ class KarmaModel(nn.Module):
             handle.remove()
 
     def item_embedding(
-        self, item_hidden: torch.Tensor, item_ids: torch.Tensor | None = None
+        self,
+        item_hidden: torch.Tensor,
+        item_ids: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """e_i = normalize(W_e cond(h_i) [+ ID_i]). (U, d) -> (U, k), float32"""
+        """e_i = normalize(W_e cond(h_i) [+ ID_i] [+ late image map of v_i]). (U, d) -> (U, k),
+        float32. item_ids (U,) select the ID rows; the late image map (model.image_fusion
+        late/both) reads image_features (U, D), else the image table's rows of item_ids."""
         z = self.item_proj(self.condition(item_hidden))
         if self.cfg.model.item_ids and item_ids is not None:
             z = z + self._id_rows(self.item_id_emb, item_ids).to(z.dtype)
+        if self.cfg.model.image_late:
+            if image_features is None:
+                if item_ids is None:
+                    raise KarmaError(
+                        f"model.image_fusion={self.cfg.model.image_fusion}: item embeddings need "
+                        "the items' image features or their ids in the image table"
+                    )
+                image_features = self._image_rows(item_ids)
+            z = z + self.image_item(image_features.float()).to(z.dtype)
         return F.normalize(z.float(), dim=-1)
 
     # ---- towers -----------------------------------------------------------------------------
@@ -370,9 +432,11 @@ class KarmaModel(nn.Module):
         item_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Item tower on tokenized items; returns (item_hidden (U, d), item_emb (U, k)).
-        item_ids (U,) adds the ID embeddings of a hybrid model (model.item_ids)."""
+        item_ids (U,) adds the ID embeddings of a hybrid model (model.item_ids); image_features
+        (U, D) fill the image token (model.image_fusion token/both) and feed the late image
+        map (late/both)."""
         emb = self.embed_tokens(input_ids)  # (U, T, d)
-        if image_features is not None:
+        if image_features is not None and self.cfg.model.image_token:
             image_tokens = self.image_proj(image_features.to(emb.dtype))  # (U, d)
             emb = fill_placeholders(
                 emb, input_ids, self.prompt.img_id, image_tokens, "image tokens"
@@ -382,7 +446,7 @@ class KarmaModel(nn.Module):
             hidden = self.run_decoder(emb, attention_mask)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         item_hidden = hidden[rows, last_positions(attention_mask)]  # (U, d) at <ITEM>
-        return item_hidden, self.item_embedding(item_hidden, item_ids)
+        return item_hidden, self.item_embedding(item_hidden, item_ids, image_features)
 
     def user_embeds(
         self, input_ids: torch.Tensor, history_hidden: torch.Tensor | None
@@ -417,6 +481,15 @@ class KarmaModel(nn.Module):
         """R(u): m soft input tokens that must carry the target's text. (B, k) -> (B, m, d)"""
         prefix = self.rec_head(user_emb).view(user_emb.shape[0], self.cfg.model.rec_tokens, -1)
         return self.rec_norm(prefix)
+
+
+def _late_image_map(image_dim: int, out: int) -> nn.Module:
+    """Late image fusion (model.image_fusion late/both): LayerNorm then a linear map of the frozen
+    features, zero at the start so training begins from the text model. (..., D) -> (..., out)"""
+    linear = nn.Linear(image_dim, out)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.LayerNorm(image_dim), linear)
 
 
 def _resize_catalog_tensors(module: KarmaModel, state_dict: dict, prefix: str, *args: Any) -> None:

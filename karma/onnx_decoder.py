@@ -12,7 +12,7 @@ Export: `torch.onnx.export` (the dynamo exporter) of a thin wrapper around the H
 
     inputs_embeds (B, N, d), position_ids (B, N), attention_mask (B, P + N),
     past.{l}.key / past.{l}.value (B, h_kv, P, hd) per layer, and, when `residual_at` names a
-    submodule, residual (B, N, d) added to that submodule's input (model.item_ids)
+    submodule, residual (B, N, d) added to that submodule's input (`KarmaModel.history_residual`)
     -> hidden (B, N, d) after the final norm, present.{l}.key / .value (B, h_kv, P + N, hd)
 
 B, N and P are dynamic (P = 0 is an empty past). The unused token embedding table is dropped.

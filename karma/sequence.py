@@ -28,8 +28,10 @@ Compute. The lower `model.freeze_layers` layers are frozen and so is everything 
 the catalog statistics, the item tower, which runs with the LoRA adapters off), so their output
 for each user sequence is computed once at setup and cached (bf16); a step runs only the
 trainable top layers. Item states come from the same frozen item tower (`model.history_cache`).
-With images (model.image_dim > 0) each item's state reads its image token too, so the image
-projection is frozen with the tower: the catalog inference encodes is the one training cached.
+With an image token (model.image_fusion token/both) each item's state reads it too, so the image
+projection is frozen with the tower, at its random start: the catalog inference encodes is the one
+training cached. The late image maps (model.image_fusion late/both) are added to e_i and, entering
+the first trainable layer, to each history token, so there the image path learns.
 
 Knowledge regularizers on the last readout of each user (target x_n, the last training item):
 - L_gen: " Next: {x_n text}<eos>" follows x_{n-1}. Its tokens pass the frozen lower layers on
@@ -363,15 +365,16 @@ class SequenceObjective(nn.Module):
         self.token_loss = TokenCrossEntropy()
         model.history_proj.requires_grad_(False)
         model.special_embeds.requires_grad_(False)
-        if image_dim > 0:
+        if model.cfg.model.image_token:
             # The image token reaches the item states through the image projection once, at
             # setup, without gradients: the history cache and every user's lower states are
             # never refreshed, so the projection must stay as it was then (encode_catalog runs
             # it again at inference), and a trainable parameter without a gradient would break
-            # DDP (find_unused_parameters=False).
+            # DDP (find_unused_parameters=False). The late image maps (model.image_fusion
+            # late/both) join after the frozen parts and train.
             model.image_proj.requires_grad_(False)
-            if self.lambda_img == 0:
-                model.image_head.requires_grad_(False)
+        if image_dim > 0 and self.lambda_img == 0:
+            model.image_head.requires_grad_(False)
         if self.lambda_rec == 0:
             model.rec_head.requires_grad_(False)
             model.rec_norm.requires_grad_(False)
@@ -381,8 +384,8 @@ class SequenceObjective(nn.Module):
         cut = model.cfg.model.freeze_layers
         mask = batch["attention_mask"]
         hidden = batch["states"]
-        if model.cfg.model.item_ids:
-            hidden = hidden + model.history_id_tokens(batch["history_ids"]).to(hidden.dtype)
+        if model.has_history_residual:
+            hidden = hidden + model.history_residual(batch["history_ids"]).to(hidden.dtype)
         hidden = model.run_from_layer(hidden, mask, cut)  # (B, T, d)
         rows, cols = batch["readout_rows"], batch["readout_cols"]
         readout = F.normalize(model.user_proj(hidden[rows, cols]).float(), dim=-1)  # (R, k)
@@ -445,8 +448,8 @@ class SequenceObjective(nn.Module):
         search examples' u (E, k)."""
         model = self.model
         hidden = batch["query_states"]
-        if model.cfg.model.item_ids:
-            hidden = hidden + model.history_id_tokens(batch["query_history_ids"]).to(hidden.dtype)
+        if model.has_history_residual:
+            hidden = hidden + model.history_residual(batch["query_history_ids"]).to(hidden.dtype)
         hidden = model.run_from_layer(hidden, batch["query_mask"], model.cfg.model.freeze_layers)
         user_emb = model.user_from_hidden(
             hidden, batch["query_emb_positions"], batch["query_history_end"]

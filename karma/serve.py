@@ -65,9 +65,11 @@ def encode_catalog(model: Any, prepared: Any, batch_size: int) -> Any:
     them): `.item_emb` (N, k) and `.item_hidden` (N, d)."""
     from karma.inference import encode_catalog as encode
 
+    image_features = prepared.model_image_features(model.cfg.model.image_dim)
+    model.set_image_table(image_features)  # late image maps look up history items there
     return encode(
         model, prepared.items.texts, batch_size=batch_size, progress=True,
-        image_features=prepared.model_image_features(model.cfg.model.image_dim),
+        image_features=image_features,
     )
 
 

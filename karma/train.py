@@ -220,6 +220,7 @@ def _setup_objective(
     _seed_everything(cfg.train.seed)
     model = build_model(cfg).to(dist.device)
     model.init_item_ids(data.items.n_items, _training_items(data))
+    model.set_image_table(image_features)
     sequences = None
     if cfg.train.objective == "sequence":
         with _autocast(dist.device, cfg.train.bf16):

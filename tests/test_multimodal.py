@@ -110,6 +110,33 @@ def test_serve_encodes_the_catalog_with_its_images(mm_run):
         service.close()
 
 
+def test_late_image_fusion_from_the_cli_trains_evaluates_and_serves(mm_run, tmp_path):
+    """model.image_fusion=late with the prompt objective: the late maps train, and eval and
+    serve hand the catalog's features to the model (history items look them up there)."""
+    from karma.serve import Service
+
+    run = tmp_path / "late"
+    assert main(["train", "--config", DEBUG, *_shop_args(mm_run["shop"], mm_run["prepared"]),
+                 "loss.preset=karma_mm", "model.image_fusion=late", "train.steps=2",
+                 "train.eval_every=2", "train.save_every=2", "train.eval_users=20",
+                 f"train.output_dir={run}"]) == 0  # fmt: skip
+    ckpt = run / "checkpoints" / "best"
+    model, _ = load_model(ckpt, device="cpu")
+    assert not hasattr(model, "image_proj") and model.image_item[1].weight.abs().sum() > 0
+    assert main(["eval", "--checkpoint", str(ckpt), "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["metrics"]["masked"]["hr@10"] <= 1
+    service = Service(load_config(None, [f"serve.checkpoint={ckpt}"]))
+    try:
+        feats = load_image_features(mm_run["prepared"])
+        torch.testing.assert_close(service.model.image_table, torch.as_tensor(feats))
+        expected = encode_catalog(model, load_prepared(mm_run["prepared"]).items.texts,
+                                  image_features=feats, progress=False).item_emb  # fmt: skip
+        assert torch.allclose(service.catalog.item_emb, expected, atol=1e-5)
+    finally:
+        service.close()
+
+
 def test_karma_mm_on_a_dataset_without_images_is_a_clear_error(tmp_path, capsys):
     shop, prepared = tmp_path / "shop", tmp_path / "prepared"
     generate_shop(ShopConfig(items=30, users=100, images=False), shop,

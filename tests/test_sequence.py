@@ -71,7 +71,7 @@ def test_id_dropout_never_touches_cold_items_and_is_off_in_eval(tmp_path):
 def _top_readout(model, states, history_ids, mask, positions, history_end=None):
     """u read at `positions` after the trainable top layers, from lower states and item IDs."""
     hidden = model.run_from_layer(
-        states + model.history_id_tokens(history_ids), mask, model.cfg.model.freeze_layers
+        states + model.history_residual(history_ids), mask, model.cfg.model.freeze_layers
     )
     return model.user_from_hidden(hidden, positions, history_end)
 
@@ -126,7 +126,7 @@ def test_the_plain_decoder_with_injected_ids_equals_run_decoder(tmp_path):
             inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
             position_ids=inputs["position_ids"], use_cache=False,
         )
-        with model.item_ids_injected(inputs["history_ids"]):
+        with model.history_residual_injected(inputs["history_ids"]):
             injected = decoder(**kwargs).last_hidden_state
         plain = decoder(**kwargs).last_hidden_state  # the hook is gone again
     mask = inputs["attention_mask"].bool()
@@ -398,13 +398,15 @@ def _mm_cfg(tmp_path, prepared_dir, *extra):
     )
 
 
-@pytest.mark.parametrize("query_mode", ["none", "genre"])
+@pytest.mark.parametrize(
+    "query_mode, fusion", [("none", "token"), ("genre", "token"), ("none", "late")]
+)
 def test_karma_mm_sequence_objective_trains_l_img_and_reads_like_inference(
-    tmp_path, tmp_karma_home, image_data, query_mode
+    tmp_path, tmp_karma_home, image_data, query_mode, fusion
 ):
     """karma_mm with the sequence objective: img_loss is logged, the image projection stays
-    as built (the cached item states read it), and the readout of the cached path equals
-    encode_users over the catalog encoded with the images."""
+    as built (the cached item states read it) while late image maps train, and the readout of
+    the cached path equals encode_users over the catalog encoded with the images."""
     from karma.checkpoint import load_model
     from karma.data import load_prepared
     from karma.inference import encode_catalog, encode_users
@@ -415,7 +417,7 @@ def test_karma_mm_sequence_objective_trains_l_img_and_reads_like_inference(
     cfg = _mm_cfg(
         tmp_path, image_data(query_mode), f"data.query_mode={query_mode}", *layout,
         "train.steps=2", "train.eval_every=2", "train.eval_users=20", "train.save_every=2",
-        "train.log_every=1",
+        "train.log_every=1", f"model.image_fusion={fusion}",
     )
     run = train(cfg)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line]
@@ -424,14 +426,24 @@ def test_karma_mm_sequence_objective_trains_l_img_and_reads_like_inference(
     model, cfg2 = load_model(run / "checkpoints" / "last")
     _seed_everything(cfg.train.seed)  # the weights train() started from
     initial = build_model(cfg2)
-    for name in ("image_proj", "image_head"):
+    modules = {"token": ("image_proj", "image_head"),
+               "late": ("image_item", "image_history", "image_head")}[fusion]  # fmt: skip
+    assert hasattr(model, "image_proj") == (fusion == "token")
+    for name in modules:
         trained, built = getattr(model, name).state_dict(), getattr(initial, name).state_dict()
         same = all(torch.equal(trained[k], built[k]) for k in built)
-        assert same == (name == "image_proj")  # g trains, the projection is frozen
+        assert same == (name == "image_proj")  # g and late maps train, the projection is frozen
 
     data = load_prepared(cfg.data.prepared_dir)
     feats = data.model_image_features(IMAGE_DIM)
     catalog = encode_catalog(model, data.items.texts, image_features=feats, progress=False)
+    if fusion == "late":
+        from karma.errors import KarmaError
+
+        # history items look up their features in the table the model meets its catalog with
+        with pytest.raises(KarmaError, match="image_fusion=late"):
+            encode_users(model, [[0, 1]], [""], catalog, data.items.texts)
+        model.set_image_table(feats)
     # the catalog inference encodes is the one training cached, image tokens included
     torch.testing.assert_close(catalog.item_hidden, model.history_cache, atol=1e-5, rtol=1e-4)
     seqs = UserSequences.build(model, data, cfg2, progress=False)
@@ -490,7 +502,7 @@ def test_image_features_enter_the_cached_states_and_l_img_trains_g_only(
 
     # g's regression of every dense readout's target (the features of x_{t+1})
     with torch.no_grad():
-        hidden = batch["states"] + model.history_id_tokens(batch["history_ids"])
+        hidden = batch["states"] + model.history_residual(batch["history_ids"])
         hidden = model.run_from_layer(hidden, batch["attention_mask"], cfg.model.freeze_layers)
         u = model.user_proj(hidden[batch["readout_rows"], batch["readout_cols"]])
         pred = model.image_head(torch.nn.functional.normalize(u.float(), dim=-1))
@@ -503,3 +515,69 @@ def test_image_features_enter_the_cached_states_and_l_img_trains_g_only(
     out = SequenceObjective(model, cfg.loss)(batch)
     assert out["img_loss"] == 0
     assert not any(p.requires_grad for p in model.image_head.parameters())
+
+
+def test_late_image_maps_start_at_zero_and_add_to_e_and_the_history_residual(
+    tmp_path, tmp_karma_home, image_data
+):
+    """model.image_fusion=late: the item tower reads no image token (other features, the same
+    states); the maps start at zero (the text model), then e_i = normalize(W_e cond(h_i) + ID_i
+    + map(v_i)) whether v_i is given or looked up by id, and the history residual adds the
+    history map of each history item's features, nothing at -1. The action loss of the
+    sequence objective trains both maps."""
+    from karma.data import load_prepared
+    from karma.inference import encode_catalog, refresh_history_cache
+    from karma.sequence import SequenceObjective, UserSequences
+    from karma.train import _training_items
+
+    cfg = _mm_cfg(tmp_path, image_data("none"), "model.image_fusion=late", "loss.preset=karma")
+    data = load_prepared(cfg.data.prepared_dir)
+    feats = torch.as_tensor(data.model_image_features(IMAGE_DIM))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_item_ids(data.items.n_items, _training_items(data))
+    texts = list(data.items.texts)[:6]
+    plain = encode_catalog(model, texts, image_features=feats[:6], progress=False)
+    other = encode_catalog(model, texts, image_features=feats[[5, 4, 3, 2, 1, 0]], progress=False)
+    torch.testing.assert_close(plain.item_hidden, other.item_hidden)  # no image token
+    torch.testing.assert_close(plain.item_emb, other.item_emb)  # zero maps: the text model
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in [*model.image_item.parameters(), *model.image_history.parameters(),
+                  model.item_id_emb]:  # fmt: skip
+            p.normal_()
+    model.set_image_table(feats)
+    h, ids = plain.item_hidden, torch.arange(6)
+    expected = torch.nn.functional.normalize(
+        model.item_proj(model.condition(h)) + model._id_rows(model.item_id_emb, ids)
+        + model.image_item(feats[:6]), dim=-1,
+    )
+    torch.testing.assert_close(model.item_embedding(h, ids), expected)
+    torch.testing.assert_close(model.item_embedding(h, ids, feats[:6]), expected)
+    shuffled = encode_catalog(model, texts, image_features=feats[[5, 4, 3, 2, 1, 0]],
+                              progress=False)  # fmt: skip
+    assert not torch.allclose(shuffled.item_emb, model.item_embedding(h, ids), atol=1e-3)
+
+    history_ids = torch.tensor([[-1, 3, 5, -1]])
+    residual = model.history_residual(history_ids)
+    assert residual[0, [0, 3]].abs().sum() == 0
+    id_rows = model._id_rows(model.history_id_emb, history_ids[0, 1:3])
+    torch.testing.assert_close(residual[0, 1:3], model.image_history(feats[[3, 5]]) + id_rows)
+
+    for module in (model.image_item, model.image_history):
+        torch.nn.init.zeros_(module[1].weight)  # as built: the gradient still reaches it
+    refresh_history_cache(model, list(data.items.texts), 64, feats)
+    seqs = UserSequences.build(model, data, cfg, progress=False)
+    objective = SequenceObjective(model, cfg.loss, image_features=feats)
+    objective(seqs.batch(model, np.arange(4)))["act_loss"].backward()
+    for module in (model.image_item, model.image_history):
+        linear = module[1]
+        assert linear.weight.requires_grad and linear.weight.grad.abs().sum() > 0
+
+
+def test_image_fusion_is_checked():
+    from karma.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.image_fusion"):
+        load_config("configs/debug.yaml", ["model.image_fusion=early"])

@@ -87,8 +87,8 @@ def collect_emb_attention(
         )
         attention_mask = inputs["attention_mask"].to(device)
         # The decoder alone (no LM head over the vocabulary), with the model's position ids.
-        # A hybrid model's item IDs join the residual stream as in run_decoder.
-        with model.item_ids_injected(inputs["history_ids"]):
+        # Item IDs and late image maps join the residual stream as in run_decoder.
+        with model.history_residual_injected(inputs["history_ids"]):
             out = model.base_lm.get_decoder()(
                 inputs_embeds=inputs["inputs_embeds"].to(device),
                 attention_mask=attention_mask,

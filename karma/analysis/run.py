@@ -175,6 +175,7 @@ def analyze_checkpoint(
     targets = torch.tensor([int(split.targets[r]) for r in rows])
 
     image_features = prepared.model_image_features(cfg.model.image_dim)
+    model.set_image_table(image_features)
     catalog = encode_catalog(model, items.texts, image_features=image_features, progress=progress)
     with eager_attention(model.base_lm):
         probe = collect_emb_attention(
