@@ -382,7 +382,7 @@ class FastUserEncoder:
         extra = None
         if self.hist_id is not None:
             history_ids = torch.tensor(item_rows, dtype=torch.long, device=device)
-            extra = _history_residual(model, history_ids)
+            extra = _history_residual(model, self.catalog.model_ids(history_ids))
         if self.onnx is not None:
             states, kv = self.onnx(inputs_embeds, position_ids, attention_mask, past, extra)
         else:

@@ -36,6 +36,16 @@ class CatalogEncoding:
 
     item_emb: torch.Tensor  # (N, k) L2-normalized e_i
     item_hidden: torch.Tensor  # (N, d) h_i, the input of P_h for history tokens
+    # (N,) each row's index in the model's catalog, where its ID embedding and image table row
+    # are (-1: text that is no catalog item); None: row n is item n (the whole catalog)
+    item_ids: torch.Tensor | None = None
+
+    def model_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """Row indices (any shape, -1 = none) -> indices in the model's catalog (-1 stays)."""
+        if self.item_ids is None:
+            return rows
+        ids = self.item_ids.to(rows.device)[rows.clamp(min=0)]
+        return torch.where(rows >= 0, ids, rows)
 
 
 def check_image_features(model: KarmaModel, image_features: Any, n: int) -> torch.Tensor | None:
@@ -64,9 +74,20 @@ def encode_catalog(
     batch_size: int = 64,
     image_features: np.ndarray | torch.Tensor | None = None,
     progress: bool = True,
+    item_ids: Sequence[int] | None = None,
 ) -> CatalogEncoding:
-    """Item tower over a catalog; rows follow `item_texts`."""
+    """Item tower over a catalog; rows follow `item_texts` (and `image_features`). item_ids
+    (N,): each row's index in the model's catalog, for a part of it (a probe's local catalog)
+    or -1 for text that is no item (decoded text): a hybrid model's ID embeddings are looked up
+    there; default: row n is item n."""
     feats = check_image_features(model, image_features, len(item_texts))
+    rows = None
+    if item_ids is not None:
+        rows = torch.as_tensor(np.asarray(item_ids, dtype=np.int64))
+        if rows.shape != (len(item_texts),):
+            raise KarmaError(
+                f"item_ids: expected {len(item_texts)} catalog indices, got {tuple(rows.shape)}"
+            )
     # Each row's features go with it: to the image token, and to the late image maps
     # (model.image_fusion), which so serve any catalog (the model's, a probe's local one).
     tower_reads_image = feats is not None and model.cfg.model.image_token
@@ -85,11 +106,12 @@ def encode_catalog(
         cache_path = _frozen_catalog_path(model, seqs)
         if cache_path.exists():
             item_hidden = torch.load(cache_path, weights_only=True)
-            ids = torch.arange(len(seqs), device=model.device)
+            ids = torch.arange(len(seqs)) if rows is None else rows
             late = feats.to(model.device) if feats is not None else None
-            item_emb = model.item_embedding(item_hidden.to(model.device), ids, late)
+            item_emb = model.item_embedding(item_hidden.to(model.device), ids.to(model.device),
+                                            late)  # fmt: skip
             model.train(was_training)
-            return CatalogEncoding(item_emb=item_emb.float().cpu(), item_hidden=item_hidden)
+            return CatalogEncoding(item_emb.float().cpu(), item_hidden, rows)
     # Batches of similar length waste little compute on padding.
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     item_emb = torch.zeros(len(seqs), model.cfg.model.emb_dim)
@@ -99,7 +121,8 @@ def encode_catalog(
         idx = order[s : s + batch_size]
         ids, mask, _ = pad_sequences([seqs[i] for i in idx], prompt.pad_id)
         img = feats[idx].to(model.device) if feats is not None else None
-        item_ids = torch.tensor(idx, dtype=torch.long, device=model.device)
+        item_ids = torch.tensor(idx, dtype=torch.long) if rows is None else rows[idx]
+        item_ids = item_ids.to(model.device)
         hidden, emb = model.encode_items(
             ids.to(model.device), mask.to(model.device), img, item_ids=item_ids
         )
@@ -108,7 +131,7 @@ def encode_catalog(
     if cache_path is not None:
         write_tensor_atomic(cache_path, item_hidden)
     model.train(was_training)
-    return CatalogEncoding(item_emb=item_emb, item_hidden=item_hidden)
+    return CatalogEncoding(item_emb=item_emb, item_hidden=item_hidden, item_ids=rows)
 
 
 def _frozen_catalog_path(model: KarmaModel, seqs: list[list[int]]) -> Path:
@@ -187,7 +210,7 @@ def build_user_inputs(
         items = torch.full(positions.shape, -1, dtype=torch.long, device=device)
         for b, hist in enumerate(histories):
             items[b, : len(hist)] = torch.tensor([int(i) for i in hist], dtype=torch.long)
-        history_ids = history_id_map(items, positions, ids.shape[1])
+        history_ids = history_id_map(catalog.model_ids(items), positions, ids.shape[1])
     return {
         "inputs_embeds": model.user_embeds(ids, history_hidden),
         "attention_mask": mask,

@@ -68,6 +68,29 @@ def test_id_dropout_never_touches_cold_items_and_is_off_in_eval(tmp_path):
 
 
 @torch.no_grad()
+def test_a_part_of_the_catalog_keeps_its_item_ids_and_decoded_text_has_none(tmp_path):
+    """encode_catalog(item_ids=): a probe's local catalog gets its items' ID embeddings, in e_i
+    and in the users' history residual, and text that is no item (-1) gets none."""
+    from karma.inference import encode_catalog, encode_users
+
+    torch.manual_seed(0)
+    model = build_model(_cfg(tmp_path))
+    model.init_item_ids(10, torch.ones(10, dtype=torch.bool))
+    model.item_id_emb.normal_()
+    model.history_id_emb.normal_()
+    texts = [f"item number {i} | Drama" for i in range(10)]
+    full = encode_catalog(model, texts, progress=False)
+    part = encode_catalog(model, [texts[7], texts[3]], progress=False, item_ids=[7, 3])
+    torch.testing.assert_close(part.item_emb, full.item_emb[[7, 3]])
+    text = encode_catalog(model, [texts[7]], progress=False, item_ids=[-1])
+    torch.testing.assert_close(text.item_emb, model.item_embedding(text.item_hidden))
+    assert not torch.allclose(text.item_emb, full.item_emb[[7]], atol=1e-3)
+    users_part = encode_users(model, [[0, 1]], [""], part, [texts[7], texts[3]])
+    users_full = encode_users(model, [[7, 3]], [""], full, texts)
+    torch.testing.assert_close(users_part, users_full, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
 def _top_readout(model, states, history_ids, mask, positions, history_end=None):
     """u read at `positions` after the trainable top layers, from lower states and item IDs."""
     hidden = model.run_from_layer(

@@ -58,6 +58,7 @@ class ProbeBatch:
     item_texts: list[str]
     target_categories: list[list[str]]
     image_features: np.ndarray | None = None  # (len(item_texts), D) for a model with images
+    item_ids: list[int] | None = None  # each local item's index in the catalog
 
 
 def build_probe_batch(
@@ -79,6 +80,7 @@ def build_probe_batch(
         item_texts=[items.texts[i] for i in used],
         target_categories=[list(items.categories[int(examples.targets[r])]) for r in rows],
         image_features=None if image_features is None else image_features[used],
+        item_ids=used,
     )
 
 
@@ -98,7 +100,7 @@ def probe(
     try:
         catalog = encode_catalog(
             model, probe_batch.item_texts, image_features=probe_batch.image_features,
-            progress=False,
+            progress=False, item_ids=probe_batch.item_ids,
         )
         with eager_attention(model.base_lm):
             attention = collect_emb_attention(

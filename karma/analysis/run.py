@@ -205,7 +205,9 @@ def analyze_checkpoint(
     no_image = None if image_features is None else np.zeros(
         (len(decoded), image_features.shape[1]), dtype=np.float32
     )
-    decoded_emb = encode_catalog(model, decoded, image_features=no_image, progress=False).item_emb
+    # and it is no catalog item: no item ID (-1) either
+    decoded_emb = encode_catalog(model, decoded, image_features=no_image, progress=False,
+                                 item_ids=[-1] * len(decoded)).item_emb  # fmt: skip
     fidelity.update(rank_metrics(catalog_ranks(decoded_emb, catalog.item_emb, targets)))
     fidelity.update(
         rank_metrics(catalog_ranks(user_emb, catalog.item_emb, targets), prefix="user_query_")
