@@ -88,8 +88,8 @@ def encode_catalog(
             raise KarmaError(
                 f"item_ids: expected {len(item_texts)} catalog indices, got {tuple(rows.shape)}"
             )
-    # Each row's features go with it: to the image token, and to the late image maps
-    # (model.image_fusion), which so serve any catalog (the model's, a probe's local one).
+    # Each row's features go with it, to the image token and to the late image maps
+    # (model.image_fusion), so any catalog is encoded right (the model's, a probe's local one).
     tower_reads_image = feats is not None and model.cfg.model.image_token
     was_training = model.training
     model.eval()

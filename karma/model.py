@@ -351,7 +351,7 @@ class KarmaModel(nn.Module):
                 "features, but the model has none: encode the catalog with its image_features "
                 "first (karma.inference.encode_catalog) or call set_image_table"
             )
-        if int(item_ids.max()) >= n:
+        if item_ids.numel() and int(item_ids.max()) >= n:
             raise KarmaError(f"item {int(item_ids.max())} outside the {n} image features")
         valid = (item_ids >= 0).unsqueeze(-1)
         return self.image_table[item_ids.clamp(min=0)] * valid
@@ -370,7 +370,7 @@ class KarmaModel(nn.Module):
         if mcfg.item_ids:
             out = out + self._id_rows(self.history_id_emb, history_ids)
         if mcfg.image_late:
-            valid = (history_ids >= 0).unsqueeze(-1)
+            valid = (history_ids >= 0).unsqueeze(-1)  # the map's bias stays off non-items
             out = out + self.image_history(self._image_rows(history_ids)) * valid
         return out
 
