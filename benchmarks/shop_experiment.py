@@ -253,6 +253,9 @@ def main() -> None:
                         help="the LLM presets' demo recipe: prompt (karma.demo.CPU_RECIPE) or "
                         "search (SEARCH_CPU_RECIPE, the dense sequence objective with queries)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: report the (method, seed) runs already under --out "
+                        "and name the missing ones")
     parser.add_argument("--out", default="runs/shop_experiment")
     parser.add_argument("--results", default="benchmarks/results/shop_experiment_cpu")
     parser.add_argument("overrides", nargs="*", help="config overrides after the recipe (smoke "
@@ -283,6 +286,7 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     ranks: dict[str, dict[int, np.ndarray]] = {}
+    missing: list[str] = []  # --finished-only: runs not there
     probes: dict[str, list[dict]] = {
         "image features (frozen EfficientNet-Lite0)": [
             colour_probe(np.load(out / "prepared" / "image_features.npy"), colour, in_title)
@@ -292,6 +296,9 @@ def main() -> None:
         # popularity is deterministic: one run whatever the seeds
         seeds = [0] if method == "popularity" else args.seeds
         for seed in seeds:
+            if args.finished_only and not (out / method / f"seed{seed}" / "emb.npz").is_file():
+                missing.append(f"{method} seed {seed}")
+                continue
             print(f"=== {method} seed {seed}", flush=True)
             emb = embeddings(method, seed, cfg, data, examples, out / method / f"seed{seed}")
             res = score(emb["user"], emb["item"], examples, rows, cfg)
@@ -319,7 +326,8 @@ def main() -> None:
         f"Command: `{env} .venv/bin/python benchmarks/shop_experiment.py "
         f"{' '.join(args.overrides)} --items {args.items} --users {args.users} --seeds "
         f"{' '.join(map(str, args.seeds))} --steps {args.steps} --recipe {args.recipe} --methods "
-        f"{' '.join(args.methods)}` (stages whose outputs already existed under --out were "
+        f"{' '.join(args.methods)}{' --finished-only' if args.finished_only else ''}` "
+        f"(stages whose outputs already existed under --out were "
         "reused and show about 0 s)",
         "",
         f"Shop: `karma shop --items {args.items} --users {args.users} --seed 0` (Fashion-MNIST "
@@ -338,7 +346,8 @@ def main() -> None:
         f"(oracle.parquet), masked the same way.",
         "",
         f"Methods run: {', '.join(results)}; not run: "
-        f"{', '.join(m for m in METHODS if m not in results) or 'none'}.",
+        f"{', '.join(m for m in METHODS if m not in results) or 'none'}"
+        + (f"; seeds not run (--finished-only): {', '.join(missing)}" if missing else "") + ".",
         "",
         f"Test users per slice: {slice_users} (cold: target a training target < "
         f"{cfg.eval.cold_threshold} times; colour missing: the target's title leaves its colour "
