@@ -7,7 +7,8 @@
 
 Every row runs the same CLI a user would (`karma train` then `karma eval` on the last checkpoint,
 or `karma baseline`), keeps its output under runs/personalization/<row id>/ and its figures in
-row.json there, so an interrupted benchmark resumes at the first unfinished row. The report
+row.json there, so an interrupted benchmark resumes at the first unfinished row, and a row
+killed while training goes on from its last checkpoint (`karma train --resume`). The report
 (`benchmarks/results/personalization_<device>.md` and `.json`) is rewritten from every finished
 row after each one; a row not run on this machine keeps its record from the published JSON.
 
@@ -19,7 +20,8 @@ Rows:
   the sequence objective a batch is 16 users, each a dense readout at every history position;
   the wall-clock column says what each row cost.
 - demo: the recipes of `karma demo` at its budget, both presets, both query modes
-  (SEQUENCE_CPU_RECIPE without a query, SEARCH_CPU_RECIPE with genre queries); demo-filter: the
+  (SEQUENCE_CPU_RECIPE without a query, SEARCH_CPU_RECIPE with genre queries), and the no-query
+  one on ML-1M (`demo/ml-1m/*`, the checkpoints of the ML-1M funnel); demo-filter: the
   genre checkpoints evaluated with `eval.query_filter=true`; prompt: the search setting's demo
   recipe before issue 10 (`karma.demo.CPU_RECIPE`).
 - long: `configs/ml100k_long.yaml` / `configs/ml1m_long.yaml`, 3 seeds, evaluated at
@@ -139,6 +141,14 @@ def rows() -> list[dict]:
         # the search setting's demo before issue 10: the prompt recipe
         out.append(_llm(f"prompt/genre/{preset}", "prompt", preset, "genre", "ml-100k", 0,
                         prompt + [f"loss.preset={preset}"]))
+    # the no-query demo recipe on ML-1M at the same budget (400 steps of 16 users, each user's
+    # newest window): ML-1M's own-vs-other history at the demo budget, and the checkpoints of
+    # the ML-1M funnel (benchmarks/funnel.py --checkpoints runs/personalization/demo/ml-1m)
+    ml1m = with_overrides(SEQUENCE_CPU_RECIPE,
+                          f"data.prepared_dir={_prepared('ml-1m', 'none', 50)}")
+    for preset in ("action_only", "karma"):
+        out.append(_llm(f"demo/ml-1m/{preset}", "demo", preset, "none", "ml-1m", 0,
+                        ml1m + [f"loss.preset={preset}"], default=True))
     for dataset in ("ml-100k", "ml-1m"):
         long_cfg = DATA[dataset][0].replace(".yaml", "_long.yaml")
         for seed in SEEDS:
@@ -261,6 +271,9 @@ def run_row(row: dict) -> dict:
     # Passive OpenMP waits: with another job on the 2 cores, spinning threads slow SmolLM2 5-20x.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": os.getcwd()}
     for cmd in commands(row):
+        last = ROOT / row["id"] / "checkpoints" / "last" / "state.pt"
+        if cmd[3] == "train" and last.exists():
+            cmd = cmd + ["--resume"]  # a killed row goes on from its last checkpoint
         print("+", " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, check=True, env=env)
     result = collect(row, time.time() - t0)
