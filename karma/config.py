@@ -269,6 +269,9 @@ class FunnelConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # of the trained scorers
     # Pre-ranking: the top `candidates` of retrieval (seen items masked) re-scored by a light model
     candidates: int = 500
+    # where the candidate sets come from: retrieval (the top `candidates`), page (each request's
+    # result page, on data with impressions such as the shop), auto (page where there are pages)
+    prerank_candidates: str = "auto"
     ks: list[int] = field(default_factory=lambda: [10, 50, 100])
     prerank_epochs: int = 10
     prerank_lr: float = 3.0e-3
@@ -415,6 +418,8 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("train.search_examples", lambda v: v >= 1, ">= 1"),
     ("train.search_min_history", lambda v: v >= 1, ">= 1"),
     ("train.query_dropout", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    ("funnel.prerank_candidates", lambda v: v in ("auto", "retrieval", "page"),
+     "one of auto, retrieval, page"),
 ]
 
 

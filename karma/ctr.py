@@ -7,16 +7,21 @@ KARMA's embedding features (u, e and u.e).
     result = train_and_score(features, rows, with_karma=True, seed=0, cfg=cfg.funnel)
     result["auc"], result["gauc"], result["logloss"]
 
-MovieLens rows: every rating of a user is an impression, a rating >= `funnel.click_rating` is a
-click. Rows follow the retrieval split (karma/split.py): the evaluation rows are each user's valid
-and test positions (the two interactions retrieval holds out, so the KARMA model never trained on
-them); the training rows are the last `funnel.train_window` positions of the user's training
-part. Every row's history (behaviour sequence, and the input of u) is the items before it, so no
-feature of a row looks at the row itself or later (tests/test_ctr.py checks both rules).
+Rows follow the retrieval split (karma/split.py): the evaluation requests are each user's valid
+and test interactions (the two retrieval holds out, so the KARMA model never trained on them);
+the training requests are the last `funnel.train_window` of the user's training part.
+- MovieLens (no result pages): every rating of a user is an impression, one row per request, and
+  a rating >= `funnel.click_rating` is a click.
+- Data with result pages (the shop, or `impressions` in a user's own tables): each request gives
+  a row per item on its page, the clicked item 1 and the items shown beside it 0.
+Every row's history (behaviour sequence, and the input of u) is the user's clicks before its
+request, so no feature of a row looks at the row itself or later (tests/test_ctr.py checks both
+rules). The rows of one page share a request, and so one u.
 
 The model is DeepFM from torch-rechub (a maintained CTR library; its DIN drops dense inputs, see
-docs/decisions.md): FM over user, item, genres and the mean-pooled history (sharing the item
-table), the deep part over those plus, with KARMA, the dense u (k), e (k) and u.e (1).
+docs/decisions.md): FM over user, item, genres, the mean-pooled history (sharing the item table)
+and, where requests carry queries, the mean-pooled query words; the deep part over those plus,
+with KARMA, the dense u (k), e (k) and u.e (1).
 """
 
 from __future__ import annotations
@@ -47,9 +52,24 @@ class CtrRows:
     queries: list[str]  # the request's query (the retrieval split's, "" in no-query mode)
     labels: np.ndarray  # (R,) float32 1 = click
     stage: np.ndarray  # (R,) int8 index into STAGES
+    # (R,) int64 the row's request, numbered 0.. in row order: the rows of a result page share
+    # one (and its history, query and u); on MovieLens every row is its own request
+    requests: np.ndarray
+    pages: bool = False  # rows come from result pages (clicked vs shown), not ratings
 
     def __len__(self) -> int:
         return len(self.user_ids)
+
+    def request_rows(self) -> np.ndarray:
+        """(Q,) the first row of each request, in request order."""
+        return np.flatnonzero(np.r_[True, self.requests[1:] != self.requests[:-1]])
+
+    def page_items(self, stage: int) -> list[list[int]]:
+        """The items of each request of `stage` (its result page), in request order."""
+        out: dict[int, list[int]] = {}
+        for r in np.flatnonzero(self.stage == stage):
+            out.setdefault(int(self.requests[r]), []).append(int(self.items[r]))
+        return list(out.values())
 
 
 def user_sequences(cfg: Config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
@@ -77,54 +97,98 @@ def user_sequences(cfg: Config) -> tuple[dict[str, np.ndarray], dict[str, np.nda
     return items, stars, path
 
 
+def has_pages(data: Any) -> bool:
+    """Whether the prepared requests carry result pages (items shown beside the click)."""
+    return any(len(page) for page in data.split("test").impressions)
+
+
 def build_ctr_rows(data: Any, cfg: Config, users: list[str]) -> CtrRows:
-    """The CTR rows of `users` (prepared-split user ids) from the prepared dataset `data` and the
-    source's ratings. Histories and queries are the prepared split's own, so the u of an
-    evaluation row is exactly the u retrieval is scored with."""
+    """The CTR rows of `users` (prepared-split user ids) from the prepared dataset `data`: its
+    result pages where the requests carry them, else the source's ratings. Histories and queries
+    are the prepared split's own, so the u of an evaluation row is exactly the u retrieval is
+    scored with."""
     window = cfg.funnel.train_window
     if window < 0:
         raise KarmaError(f"funnel.train_window must be >= 0 (0 = all), got {window}")
-    sequences, ratings, path = user_sequences(cfg)
     splits = {name: data.split(name) for name in STAGES}
     index = {name: {} for name in STAGES}  # user -> row indices in the split, oldest first
     for name, ex in splits.items():
         for i, user in enumerate(ex.user_ids):
             index[name].setdefault(user, []).append(i)
-    out = CtrRows([], [], [], [], [], [], [], [])
+    out = CtrRows([], [], [], [], [], [], [], [], [])
+    if has_pages(data):
+        _page_rows(out, splits, index, users, cfg)
+    else:
+        _rating_rows(out, splits, index, users, cfg)
+    out.items = np.asarray(out.items, dtype=np.int64)
+    out.positions = np.asarray(out.positions, dtype=np.int64)
+    out.timestamps = np.asarray(out.timestamps, dtype=np.int64)
+    out.labels = np.asarray(out.labels, dtype=np.float32)
+    out.stage = np.asarray(out.stage, dtype=np.int8)
+    out.requests = np.asarray(out.requests, dtype=np.int64)
+    return out
+
+
+def _placed(index: dict, user: str, window: int) -> list[tuple[str, int, int]]:
+    """(split, row in it, position in the user's sequence) of a user's CTR requests: the last
+    `window` training ones (0 = all), then valid and test. Prepared train rows are positions
+    1 .. n-3, valid n-2, test n-1 (karma/split.py)."""
+    train_rows = index["train"].get(user, [])
+    n = len(train_rows) + 3
+    placed = [("train", i, 1 + j) for j, i in enumerate(train_rows)]
+    if window:
+        placed = placed[-window:]
+    return placed + [("valid", index["valid"][user][0], n - 2),
+                     ("test", index["test"][user][0], n - 1)]
+
+
+def _append(out: CtrRows, user: str, ex: Any, i: int, name: str, pos: int, item: int,
+            label: float, request: int) -> None:
+    out.user_ids.append(user)
+    out.items.append(item)
+    out.positions.append(pos)
+    out.timestamps.append(int(ex.timestamps[i]))
+    out.histories.append([int(h) for h in ex.histories[i]])
+    out.queries.append(ex.queries[i])
+    out.labels.append(label)
+    out.stage.append(STAGES.index(name))
+    out.requests.append(request)
+
+
+def _page_rows(out: CtrRows, splits: dict, index: dict, users: list[str], cfg: Config) -> None:
+    """Result-page rows: per request the clicked item (1), then each item shown beside it (0)."""
+    out.pages = True
+    request = 0
+    for user in users:
+        if user not in index["test"] or user not in index["valid"]:
+            raise KarmaError(f"user '{user}' has no valid / test request in prepared_dir "
+                             f"{cfg.data.prepared_dir}")
+        for name, i, pos in _placed(index, user, cfg.funnel.train_window):
+            ex = splits[name]
+            page = [int(ex.targets[i])] + [int(j) for j in ex.impressions[i]]
+            for k, item in enumerate(page):
+                _append(out, user, ex, i, name, pos, item, float(k == 0), request)
+            request += 1
+
+
+def _rating_rows(out: CtrRows, splits: dict, index: dict, users: list[str], cfg: Config) -> None:
+    """MovieLens rows: one per rated item, a click where the rating is >= funnel.click_rating."""
+    sequences, ratings, path = user_sequences(cfg)
     for user in users:
         seq = sequences.get(user)
         if seq is None or user not in index["test"]:
             raise KarmaError(f"user '{user}' is in the prepared data or the request but not both "
                              f"(prepared_dir {cfg.data.prepared_dir}, ratings {path})")
         n = len(seq)
-        train_rows = index["train"].get(user, [])
-        # prepared train rows are positions 1 .. n-3, valid n-2, test n-1 (karma/split.py)
-        placed = [("train", i, 1 + j) for j, i in enumerate(train_rows)]
-        if window:
-            placed = placed[-window:]
-        placed += [("valid", index["valid"][user][0], n - 2),
-                   ("test", index["test"][user][0], n - 1)]
-        for name, i, pos in placed:
+        for name, i, pos in _placed(index, user, cfg.funnel.train_window):
             ex = splits[name]
-            if int(ex.targets[i]) != int(seq[pos]) or len(train_rows) != n - 3:
+            if int(ex.targets[i]) != int(seq[pos]) or len(index["train"].get(user, [])) != n - 3:
                 raise KarmaError(
                     f"{cfg.data.prepared_dir}: user '{user}', {name} row {i}: the prepared split "
                     f"does not match data.source={cfg.data.source} ({path}); prepare it again"
                 )
-            out.user_ids.append(user)
-            out.items.append(int(seq[pos]))
-            out.positions.append(pos)
-            out.timestamps.append(int(ex.timestamps[i]))
-            out.histories.append([int(h) for h in ex.histories[i]])
-            out.queries.append(ex.queries[i])
-            out.labels.append(float(ratings[user][pos] >= cfg.funnel.click_rating))
-            out.stage.append(STAGES.index(name))
-    out.items = np.asarray(out.items, dtype=np.int64)
-    out.positions = np.asarray(out.positions, dtype=np.int64)
-    out.timestamps = np.asarray(out.timestamps, dtype=np.int64)
-    out.labels = np.asarray(out.labels, dtype=np.float32)
-    out.stage = np.asarray(out.stage, dtype=np.int8)
-    return out
+            _append(out, user, ex, i, name, pos, int(seq[pos]),
+                    float(ratings[user][pos] >= cfg.funnel.click_rating), len(out.requests))
 
 
 def ctr_features(
@@ -132,8 +196,10 @@ def ctr_features(
 ) -> dict[str, torch.Tensor]:
     """The model inputs of every row. Ids are shifted by one so that 0 pads the sequences.
 
-    user (R,), item (R,), genres (R, G), history (R, H); with embeddings also u (R, k) (the
-    KARMA interest embedding of the row's request), e (R, k) (the shown item's) and ue (R,).
+    user (R,), item (R,), genres (R, G), history (R, H); where any request has a query also
+    query (R, W) (its lower-cased words: a search ranker sees what was typed, with or without
+    KARMA); with embeddings also u (R, k) (the KARMA interest embedding of the row's request),
+    e (R, k) (the shown item's) and ue (R,).
     """
     codes = {u: i + 1 for i, u in enumerate(dict.fromkeys(rows.user_ids))}
     genre_code: dict[str, int] = {}
@@ -155,6 +221,11 @@ def ctr_features(
         "genres": padded([item_genres[i] for i in rows.items]),
         "history": padded([[h + 1 for h in hist] for hist in rows.histories]),
     }
+    if any(rows.queries):
+        words: dict[str, int] = {}
+        features["query"] = padded([
+            [words.setdefault(w, len(words) + 1) for w in q.lower().split()] for q in rows.queries
+        ])
     if user_emb is not None and item_emb is not None:
         u = torch.as_tensor(np.asarray(user_emb), dtype=torch.float32)  # (R, k)
         if len(u) != len(rows):
@@ -179,6 +250,9 @@ def build_deepfm(features: dict[str, torch.Tensor], n_items: int, with_karma: bo
         SequenceFeature("history", vocab_size=n_items + 1, embed_dim=d, pooling="mean",
                         shared_with="item", padding_idx=0),
     ]
+    if "query" in features:
+        sparse.append(SequenceFeature("query", vocab_size=int(features["query"].max()) + 1,
+                                      embed_dim=d, pooling="mean", padding_idx=0))
     dense = []
     if with_karma:
         k = features["u"].shape[1]

@@ -4,10 +4,12 @@ checkpoints side by side, with its protocol header, a Markdown report and a PNG.
     karma funnel --checkpoint runs/ao/checkpoints/last --compare runs/karma/checkpoints/last \\
         --out runs/funnel funnel.max_users=0
 
-Per checkpoint: the catalog and every needed request are encoded once (karma.inference); recall
-is full-catalog HR@K of the test requests (karma.evaluate, seen items masked); pre-ranking
-re-scores the top `funnel.candidates` of that retrieval (karma/preranking.py); ranking trains a
-DeepFM CTR model with and without the checkpoint's u, e, u.e (karma/ctr.py). Trained scorers run
+Per checkpoint: the catalog (with its image features, where the model reads them) and every
+needed request are encoded once (karma.inference); recall is full-catalog HR@K of the test
+requests (karma.evaluate, seen items masked); pre-ranking re-scores the top `funnel.candidates`
+of that retrieval, or on data with result pages (the shop) each request's page
+(`funnel.prerank_candidates`, karma/preranking.py); ranking trains a DeepFM CTR model with and
+without the checkpoint's u, e, u.e (karma/ctr.py). Trained scorers run
 once per seed of `funnel.seeds`, reported as mean +- std. The ranking model without KARMA
 features does not depend on the checkpoint: it is trained once and shown in every column.
 Outputs in --out: funnel.json, funnel.md, funnel.png.
@@ -39,9 +41,11 @@ def _aggregate(runs: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
     return {key: _mean_std([r[key] for r in runs]) for key in runs[0]}
 
 
-def _encode_checkpoint(checkpoint: Path, overrides: Sequence[str] | None) -> dict[str, Any]:
+def _encode_checkpoint(
+    checkpoint: Path, overrides: Sequence[str] | None, show_progress: bool = False
+) -> dict[str, Any]:
     """Load a checkpoint, build the CTR rows of the sampled test users, encode the catalog and
-    the u of every row (its valid / test rows are the retrieval requests)."""
+    the u of every request (its valid / test requests are the retrieval requests), one per row."""
     from karma.checkpoint import load_model
     from karma.ctr import build_ctr_rows
     from karma.data import load_or_prepare
@@ -50,6 +54,8 @@ def _encode_checkpoint(checkpoint: Path, overrides: Sequence[str] | None) -> dic
 
     model, cfg = load_model(checkpoint, overrides)
     data = load_or_prepare(cfg)
+    images = data.model_image_features(cfg.model.image_dim)
+    model.set_image_table(images)
     test = select_users(data.split("test"), cfg.funnel.max_users)
     valid = select_users(data.split("valid"), cfg.funnel.max_users)
     if list(valid.user_ids) != list(test.user_ids):
@@ -57,9 +63,12 @@ def _encode_checkpoint(checkpoint: Path, overrides: Sequence[str] | None) -> dic
     rows = build_ctr_rows(data, cfg, list(test.user_ids))
     t = time.time()
     texts = list(data.items.texts)
-    catalog = encode_catalog(model, texts, batch_size=cfg.eval.batch_size)
-    u = encode_users(model, rows.histories, rows.queries, catalog, texts, cfg.eval.batch_size)
-    u = np.asarray(torch.as_tensor(u).float().cpu(), dtype=np.float32)  # (R, k)
+    catalog = encode_catalog(model, texts, batch_size=cfg.eval.batch_size, image_features=images,
+                             progress=show_progress)
+    first = rows.request_rows()  # the rows of a result page share their request's u
+    u = encode_users(model, [rows.histories[i] for i in first], [rows.queries[i] for i in first],
+                     catalog, texts, cfg.eval.batch_size, progress=show_progress)
+    u = np.asarray(torch.as_tensor(u).float().cpu(), dtype=np.float32)[rows.requests]  # (R, k)
     wall = time.time() - t
     del model
     return {"cfg": cfg, "data": data, "valid": valid, "test": test, "rows": rows, "u": u,
@@ -73,8 +82,10 @@ def _stages(enc: dict[str, Any], show_progress: bool) -> dict[str, Any]:
     from karma.preranking import run_preranking
 
     cfg, data, rows, u = enc["cfg"], enc["data"], enc["rows"], enc["u"]
-    # the valid / test rows of each user are the retrieval requests, in the users' order
-    valid_u, test_u = u[rows.stage == 1], u[rows.stage == 2]
+    # the valid / test requests of each user are the retrieval requests, in the users' order
+    first = rows.request_rows()
+    valid_u, test_u = (u[first][rows.stage[first] == s] for s in (1, 2))
+    pages = (rows.page_items(1), rows.page_items(2)) if _on_pages(cfg, rows) else None
     recall = evaluate_embeddings(
         test_u, enc["item_emb"], enc["test"], cfg, print_table=False, show_progress=False
     )["metrics"]["masked"]
@@ -84,7 +95,7 @@ def _stages(enc: dict[str, Any], show_progress: bool) -> dict[str, Any]:
     seeds = list(cfg.funnel.seeds)
     pre = [
         run_preranking(valid_u, test_u, enc["item_emb"], enc["valid"], enc["test"], popularity,
-                       cfg.funnel, seed, show_progress)
+                       cfg.funnel, seed, show_progress, pages)
         for seed in seeds
     ]
     features = ctr_features(rows, data, u, enc["item_emb"])
@@ -95,11 +106,35 @@ def _stages(enc: dict[str, Any], show_progress: bool) -> dict[str, Any]:
     return {"recall": recall, "preranking": _aggregate(pre), "ranking_karma": _aggregate(ranking)}
 
 
+def _on_pages(cfg: Any, rows: Any) -> bool:
+    """Whether pre-ranking re-scores result pages (funnel.prerank_candidates) or retrieval's top."""
+    mode = cfg.funnel.prerank_candidates
+    if mode == "page" and not rows.pages:
+        raise KarmaError(f"funnel.prerank_candidates=page: the requests in {cfg.data.prepared_dir} "
+                         "carry no result pages (impressions); use retrieval or auto")
+    return mode == "page" or (mode == "auto" and rows.pages)
+
+
 def _protocol(encs: list[dict[str, Any]], checkpoints: list[Path]) -> dict[str, Any]:
     cfg, data, rows = encs[0]["cfg"], encs[0]["data"], encs[0]["rows"]
     f = cfg.funnel
     n_train = int((rows.stage == 0).sum())
     n_eval = int((rows.stage > 0).sum())
+    n_pages = len(rows.request_rows())
+    if _on_pages(cfg, rows):
+        candidates = (f"each request's result page (the clicked item and the items shown beside "
+                      f"it, {len(rows) / n_pages:.1f} on average), ordered by u.e")
+    else:
+        candidates = f"top-{f.candidates} of recall per request"
+    if rows.pages:
+        impressions = (f"result pages: the clicked item = 1, the items shown beside it = 0; "
+                       f"train rows = the pages of the last {f.train_window or 'all'} training "
+                       f"requests per user ({n_train} rows)")
+    else:
+        impressions = (f"impressions = rated items, click = rating >= {f.click_rating:g}; train "
+                       f"rows = last {f.train_window or 'all'} training positions per user "
+                       f"({n_train} rows)")
+    query = ", query words" if any(rows.queries) else ""
     return {
         "checkpoints": [str(c) for c in checkpoints],
         "data": f"{cfg.data.source}, prepared_dir {cfg.data.prepared_dir}",
@@ -108,16 +143,15 @@ def _protocol(encs: list[dict[str, Any]], checkpoints: list[Path]) -> dict[str, 
         "catalog_size": int(data.items.n_items),
         "recall": "test requests, full catalog, seen items masked, pessimistic ties, exact "
                   "inner product",
-        "preranking": f"top-{f.candidates} of recall per request, re-scored by s*u.e + a light MLP "
+        "preranking": f"{candidates}, re-scored by s*u.e + a light MLP "
                       "over [u*e, u.e, log(1+train popularity)] (output layer zero at start: "
                       "the retrieval order), fitted on 4/5 of the valid requests, epoch "
                       f"(0..{f.prerank_epochs}) chosen on the other fifth, scored on the test "
                       "requests",
-        "ranking": f"DeepFM (torch-rechub) on impressions = rated items, click = rating >= "
-                   f"{f.click_rating:g}; train rows = last {f.train_window or 'all'} training "
-                   f"positions per user ({n_train} rows), eval rows = valid + test positions "
+        "ranking": f"DeepFM (torch-rechub) on {impressions}, eval rows = valid + test requests "
                    f"({n_eval} rows, click rate {rows.labels[rows.stage > 0].mean():.3f}); "
-                   f"{f.ctr_epochs} epochs; features: user, item, genres, history (+ u, e, u.e)",
+                   f"{f.ctr_epochs} epochs; features: user, item, genres, history{query} "
+                   "(+ u, e, u.e)",
         "seeds": list(f.seeds),
         "features_rule": "every row's history (and so its u) ends before the row",
     }
@@ -164,10 +198,46 @@ def format_markdown(results: dict[str, Any]) -> str:
         cells = " | ".join(_cell(v) for v in values)
         delta = f" | {_mean(values[1]) - _mean(values[0]):+.4f}" if len(values) == 2 else ""
         lines.append(f"| {stage} | {metric} | {cells}{delta} |")
-    lines += ["", "Mean ± std over the seeds of the trained scorers (pre-ranking, ranking); recall "
-              "has no seed. `without KARMA` is one model, identical in every column.", "",
-              "![funnel](funnel.png)", ""]
+    if results.get("runs", 1) > 1:
+        seeds = (f"Mean ± std over {results['runs']} pairs of checkpoints trained with different "
+                 "seeds, each pair scored with its own scorer seed (recall over the pairs; "
+                 "pre-ranking and ranking over every scorer run). `without KARMA` is one model "
+                 "per pair, identical in every column.")
+    else:
+        seeds = ("Mean ± std over the seeds of the trained scorers (pre-ranking, ranking); recall "
+                 "has no seed. `without KARMA` is one model, identical in every column.")
+    lines += ["", seeds, "", "![funnel](funnel.png)", ""]
     return "\n".join(lines)
+
+
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One three-stage table from `run_funnel` results over pairs of checkpoints trained with
+    different seeds (same columns and data): recall becomes mean +- std over the runs, the
+    trained scorers' values are pooled over every run and scorer seed."""
+    first = runs[0]
+    cols = first["columns"]
+    for r in runs[1:]:
+        if r["columns"] != cols or r["protocol"]["data"] != first["protocol"]["data"]:
+            raise KarmaError(f"funnel runs to combine differ: columns {r['columns']} vs {cols}, "
+                             f"data {r['protocol']['data']} vs {first['protocol']['data']}")
+
+    def pooled(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        return {k: _mean_std([v for p in parts for v in p[k]["values"]]) for k in parts[0]}
+
+    stages = {
+        c: {
+            "recall": {k: _mean_std([r["stages"][c]["recall"][k] for r in runs])
+                       for k in first["stages"][c]["recall"]},
+            "preranking": pooled([r["stages"][c]["preranking"] for r in runs]),
+            "ranking_karma": pooled([r["stages"][c]["ranking_karma"] for r in runs]),
+        }
+        for c in cols
+    }
+    protocol = {**first["protocol"], "checkpoints": [r["protocol"]["checkpoints"] for r in runs],
+                "seeds": [r["protocol"]["seeds"] for r in runs]}
+    return {"protocol": protocol, "columns": cols, "stages": stages, "runs": len(runs),
+            "ranking_base": pooled([r["ranking_base"] for r in runs]),
+            "wall_s": [r["wall_s"] for r in runs]}
 
 
 def plot_funnel(results: dict[str, Any], path: Path) -> None:
@@ -221,7 +291,7 @@ def run_funnel(
     out = ensure_output_dir(out_dir, "--out")
     checkpoints = [Path(checkpoint)] + ([Path(compare)] if compare is not None else [])
     t0 = time.time()
-    encs = [_encode_checkpoint(c, overrides) for c in checkpoints]
+    encs = [_encode_checkpoint(c, overrides, show_progress) for c in checkpoints]
     first = encs[0]
     for c, enc in zip(checkpoints[1:], encs[1:]):
         if enc["data"].stats.get("protocol") != first["data"].stats.get("protocol") or (
@@ -259,4 +329,4 @@ def run_funnel(
     return results
 
 
-__all__ = ["format_markdown", "plot_funnel", "run_funnel", "table_rows"]
+__all__ = ["combine_runs", "format_markdown", "plot_funnel", "run_funnel", "table_rows"]

@@ -1,7 +1,9 @@
-"""The pre-ranking stage: each request's candidate set is the top-N of retrieval, re-scored by a
-light model over the embedding features, scored by HR@K / NDCG@K within the candidate set.
+"""The pre-ranking stage: each request's candidate set is the top-N of retrieval (or, on data
+with result pages, the page it was shown), re-scored by a light model over the embedding
+features, scored by HR@K / NDCG@K within the candidate set.
 
     cands = candidate_sets(user_emb, item_emb, examples, n=500)   # (U, N) ids, best first
+    cands = page_candidates(user_emb, item_emb, pages)            # (U, P) the pages by u.e
     metrics = run_preranking(valid_u, test_u, item_emb, valid, test, popularity, cfg.funnel, seed)
 
 The light model is trained on the valid requests (the second-last interaction of each user) and
@@ -36,6 +38,24 @@ def candidate_sets(
     scores = torch.as_tensor(user_emb).float() @ torch.as_tensor(item_emb).float().T  # (U, N)
     top_scores, top_ids = top_k_masked(scores, n, seen=examples.seen, targets=examples.targets)
     return top_ids.numpy(), top_scores.numpy()
+
+
+def page_candidates(
+    user_emb: np.ndarray, item_emb: np.ndarray, pages: list[list[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's result page ordered by u.e: (ids (U, P) with -1 padding, retrieval scores
+    (U, P), -inf at the padding). Nothing is masked: the page is what the user was shown."""
+    if len(pages) != len(user_emb):
+        raise KarmaError(f"{len(pages)} result pages for {len(user_emb)} requests")
+    ids = np.full((len(pages), max(1, max(len(p) for p in pages))), -1, dtype=np.int64)
+    for r, page in enumerate(pages):
+        ids[r, : len(page)] = page
+    ids_t = torch.as_tensor(ids)
+    u = torch.as_tensor(np.asarray(user_emb)).float()  # (U, k)
+    e = torch.as_tensor(np.asarray(item_emb)).float()[ids_t.clamp(min=0)]  # (U, P, k)
+    scores = torch.einsum("uk,upk->up", u, e).masked_fill(ids_t < 0, float("-inf"))
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    return ids_t.gather(1, order).numpy(), scores.gather(1, order).numpy()
 
 
 class LightScorer(torch.nn.Module):
@@ -82,16 +102,22 @@ def run_preranking(
     cfg: FunnelConfig,
     seed: int,
     show_progress: bool = True,
+    pages: tuple[list[list[int]], list[list[int]]] | None = None,
 ) -> dict[str, float]:
     """Train the light scorer on the valid requests' candidate sets (softmax cross-entropy over
     the candidates, requests whose target was not retrieved skipped; the epoch with the best
     MRR on a held-out fifth of them is kept), then rank each test request's candidates by it.
-    Returns HR@K / NDCG@K within the candidate set for `cfg.ks`, the retrieval order's own
-    figures (`retrieval_hr@K`), `candidate_recall` and `best_epoch` (0: retrieval order kept)."""
-    n = cfg.candidates
+    The candidate sets are the top `cfg.candidates` of retrieval, or with `pages` (valid, test)
+    each request's result page. Returns HR@K / NDCG@K within the candidate set for `cfg.ks`,
+    the retrieval order's own figures (`retrieval_hr@K`), `candidate_recall` and `best_epoch`
+    (0: retrieval order kept)."""
     log_pop = torch.log1p(torch.as_tensor(popularity, dtype=torch.float32))  # (N_items,)
-    v_ids, _ = candidate_sets(valid_u, item_emb, valid, n)
-    t_ids, t_scores = candidate_sets(test_u, item_emb, test, n)
+    if pages is None:
+        v_ids, _ = candidate_sets(valid_u, item_emb, valid, cfg.candidates)
+        t_ids, t_scores = candidate_sets(test_u, item_emb, test, cfg.candidates)
+    else:
+        v_ids, _ = page_candidates(valid_u, item_emb, pages[0])
+        t_ids, t_scores = page_candidates(test_u, item_emb, pages[1])
     items = torch.as_tensor(np.asarray(item_emb), dtype=torch.float32)  # (N_items, k)
     u = torch.as_tensor(np.asarray(valid_u), dtype=torch.float32)  # (U, k)
     hit = torch.as_tensor(v_ids == np.asarray(valid.targets)[:, None])  # (U, N)
@@ -157,4 +183,4 @@ def run_preranking(
     return out
 
 
-__all__ = ["LightScorer", "candidate_sets", "run_preranking"]
+__all__ = ["LightScorer", "candidate_sets", "page_candidates", "run_preranking"]

@@ -8,6 +8,9 @@ def test_cache(tmp_karma_home):           # KARMA_HOME points at a fresh tmp dir
 
 def test_serving(debug_checkpoint):       # configs/debug.yaml trained 2 steps (once a session)
     ...
+
+def test_images(mm_run):                  # a tiny shop with pictures, karma_mm trained 4 steps
+    mm_run["run"] / "checkpoints" / "best"
 """
 
 from __future__ import annotations
@@ -40,6 +43,26 @@ def debug_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ])
     train(cfg)
     return root / "run" / "checkpoints" / "last"
+
+
+@pytest.fixture(scope="session")
+def mm_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny shop (40 items, 100 users, generated pictures), prepared, and karma_mm trained on
+    it with the debug model for 4 steps: {root, shop, prepared, run}."""
+    from karma.cli import main
+
+    debug = str(Path(__file__).parents[1] / "configs" / "debug.yaml")
+    root = tmp_path_factory.mktemp("mm")
+    shop, prepared, run = root / "shop", root / "prepared", root / "run"
+    assert main(["shop", "--items", "40", "--users", "100", "--out", str(shop),
+                 "--pictures", "synthetic"]) == 0  # fmt: skip
+    data_args = ["data.source=shop", f"data.path={shop}", f"data.prepared_dir={prepared}"]
+    assert main(["data", "prepare", "--config", debug, *data_args]) == 0
+    assert main(["train", "--config", debug, *data_args, "loss.preset=karma_mm",
+                 "train.steps=4", "train.eval_every=4", "train.save_every=4",
+                 "train.log_every=2", "train.eval_users=20", "train.monitor_every=4",
+                 f"train.output_dir={run}"]) == 0  # fmt: skip
+    return {"root": root, "shop": shop, "prepared": prepared, "run": run}
 
 
 @pytest.fixture(scope="session")

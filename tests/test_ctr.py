@@ -125,3 +125,61 @@ def test_bad_inputs_name_the_field(prepared, rows150) -> None:
     with pytest.raises(KarmaError, match="with_karma"):
         train_and_score(ctr_features(rows, data, None, None), rows, data.items.n_items, True, 0,
                         cfg.funnel, False)
+
+
+@pytest.fixture(scope="module")
+def shop_rows(mm_run):
+    """The CTR rows of 40 test users of the tiny shop: result pages, 3 training requests each."""
+    cfg = load_config(ROOT / "configs" / "debug.yaml", [
+        "data.source=shop", f"data.path={mm_run['shop']}",
+        f"data.prepared_dir={mm_run['prepared']}", "funnel.train_window=3",
+    ])
+    data = load_prepared(cfg.data.prepared_dir)
+    users = list(data.split("test").user_ids)[:40]
+    return cfg, data, users, build_ctr_rows(data, cfg, users)
+
+
+def test_page_rows_are_the_click_and_the_items_shown_beside_it(shop_rows) -> None:
+    _, data, users, rows = shop_rows
+    assert rows.pages and len(rows) > 2 * 3 * len(users)
+    starts = list(rows.request_rows()) + [len(rows)]
+    for r0, r1 in zip(starts[:-1], starts[1:]):
+        assert rows.labels[r0] == 1 and rows.labels[r0:r1].sum() == 1  # one click per page
+        assert len(set(rows.requests[r0:r1])) == 1 and len(set(rows.items[r0:r1])) == r1 - r0
+        for r in range(r0 + 1, r1):  # a page shares its request's history, query and time
+            assert rows.histories[r] == rows.histories[r0] and rows.queries[r] == rows.queries[r0]
+            assert rows.timestamps[r] == rows.timestamps[r0] and rows.stage[r] == rows.stage[r0]
+    test = data.split("test")
+    for user in users[:10]:
+        i = list(test.user_ids).index(user)
+        r = np.flatnonzero((np.asarray(rows.user_ids) == user) & (rows.stage == 2))
+        assert rows.items[r[0]] == test.targets[i]  # the click is retrieval's test target
+        assert sorted(rows.items[r[1:]]) == sorted(test.impressions[i])
+        assert rows.histories[r[0]] == [int(h) for h in test.histories[i]]
+        assert rows.queries[r[0]] == test.queries[i]
+
+
+def test_no_page_is_later_than_the_users_evaluation_requests(shop_rows) -> None:
+    cfg, _, users, rows = shop_rows
+    for user in users:
+        mine = np.flatnonzero(np.asarray(rows.user_ids) == user)
+        train, ev = mine[rows.stage[mine] == 0], mine[rows.stage[mine] > 0]
+        assert len(set(rows.requests[train])) <= 3 and len(set(rows.requests[ev])) == 2
+        if len(train):  # a user with 3 clicks has no training request
+            assert rows.timestamps[train].max() <= rows.timestamps[ev].min()
+            assert rows.positions[train].max() < rows.positions[ev].min()
+        # the history of a request is the clicks before it: as many as its position allows
+        for r in mine:
+            assert len(rows.histories[r]) == min(rows.positions[r], cfg.data.max_history)
+
+
+def test_a_search_ranker_reads_the_query_words(shop_rows) -> None:
+    cfg, data, _, rows = shop_rows
+    features = ctr_features(rows, data, None, None)
+    typed = np.flatnonzero([bool(q) for q in rows.queries])
+    assert 0 < len(typed) < len(rows)  # the shop has searches and feed visits
+    assert (features["query"][typed] > 0).any(dim=1).all()
+    assert (features["query"][np.flatnonzero([not q for q in rows.queries])] == 0).all()
+    cfg.funnel.ctr_epochs = 1
+    result = train_and_score(features, rows, data.items.n_items, False, 0, cfg.funnel, False)
+    assert 0.0 <= result["auc"] <= 1.0 and np.isfinite(result["logloss"])

@@ -12,6 +12,7 @@ import pytest
 
 from karma.cli import main
 from karma.errors import KarmaError
+from karma.funnel import combine_runs, format_markdown
 
 FAST = ["funnel.max_users=80", "funnel.seeds=[0,1]", "funnel.candidates=100", "funnel.ks=[10,50]",
         "funnel.train_window=4", "funnel.ctr_epochs=1", "funnel.prerank_epochs=1",
@@ -36,6 +37,15 @@ def test_funnel_cli_writes_the_three_stage_table(debug_checkpoint: Path, tmp_pat
     assert a["ranking_karma"]["auc"]["values"] == b["ranking_karma"]["auc"]["values"]
     assert len(results["ranking_base"]["auc"]["values"]) == 2
     assert 0.0 <= a["preranking"]["hr@50"]["mean"] <= a["preranking"]["candidate_recall"]["mean"]
+    # two runs (as of two training seeds) combine into one table: recall over runs, scorers pooled
+    combined = combine_runs([results, results])
+    c = combined["stages"][results["columns"][0]]
+    assert c["recall"]["hr@10"] == {"mean": a["recall"]["hr@10"], "std": 0.0,
+                                    "values": [a["recall"]["hr@10"]] * 2}
+    assert c["ranking_karma"]["auc"]["values"] == a["ranking_karma"]["auc"]["values"] * 2
+    assert "over 2 pairs of checkpoints" in format_markdown(combined)
+    with pytest.raises(KarmaError, match="differ"):
+        combine_runs([results, {**results, "columns": ["x", "y"]}])
 
 
 def test_evaluation_rows_get_the_u_of_the_history_before_them(debug_checkpoint: Path) -> None:
@@ -77,3 +87,31 @@ def test_funnel_bad_inputs(debug_checkpoint: Path, tmp_path: Path) -> None:
                    overrides=[*FAST, "funnel.train_window=-2"])
     assert main(["funnel", "--checkpoint", str(tmp_path / "missing"),
                  "--out", str(tmp_path / "c")]) == 2
+
+
+def test_funnel_on_result_pages_with_a_karma_mm_checkpoint(mm_run, tmp_path: Path) -> None:
+    """The shop: pre-ranking re-scores each request's page, the CTR rows are its pages, the
+    ranker reads the query words, and the catalog is encoded with its pictures (karma_mm)."""
+    out = tmp_path / "shop_funnel"
+    code = main(["funnel", "--checkpoint", str(mm_run["run"] / "checkpoints" / "best"),
+                 "--out", str(out), "funnel.max_users=40", "funnel.seeds=[0]",
+                 "funnel.ks=[1,5]", "funnel.train_window=3", "funnel.ctr_epochs=1",
+                 "funnel.prerank_epochs=1", "train.device=cpu"])  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "funnel.json").read_text())
+    protocol = results["protocol"]
+    assert "result page" in protocol["preranking"] and "query words" in protocol["ranking"]
+    assert "the items shown beside it = 0" in protocol["ranking"]
+    (column,) = results["columns"]
+    assert column == "karma_mm"
+    pre = results["stages"][column]["preranking"]
+    assert pre["candidate_recall"]["mean"] == 1.0  # the click is always on its own page
+    assert 0.0 <= pre["hr@1"]["mean"] <= pre["hr@5"]["mean"] <= 1.0
+
+
+def test_page_candidates_need_pages(debug_checkpoint: Path, tmp_path: Path) -> None:
+    from karma.funnel import run_funnel
+
+    with pytest.raises(KarmaError, match="prerank_candidates=page"):
+        run_funnel(debug_checkpoint, out_dir=tmp_path / "p",
+                   overrides=[*FAST, "funnel.prerank_candidates=page"])

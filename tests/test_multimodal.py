@@ -29,22 +29,6 @@ def _shop_args(shop: Path, prepared: Path) -> list[str]:
     return ["data.source=shop", f"data.path={shop}", f"data.prepared_dir={prepared}"]
 
 
-@pytest.fixture(scope="module")
-def mm_run(tmp_path_factory) -> dict[str, Path]:
-    """The issue's check on a tiny shop: shop, prepare, train karma_mm (debug model, 4 steps)."""
-    root = tmp_path_factory.mktemp("mm")
-    shop, prepared, run = root / "shop", root / "prepared", root / "run"
-    assert main(["shop", "--items", "40", "--users", "100", "--out", str(shop),
-                 "--pictures", "synthetic"]) == 0  # fmt: skip
-    data_args = _shop_args(shop, prepared)
-    assert main(["data", "prepare", "--config", DEBUG, *data_args]) == 0
-    assert main(["train", "--config", DEBUG, *data_args, "loss.preset=karma_mm",
-                 "train.steps=4", "train.eval_every=4", "train.save_every=4",
-                 "train.log_every=2", "train.eval_users=20", "train.monitor_every=4",
-                 f"train.output_dir={run}"]) == 0  # fmt: skip
-    return {"root": root, "shop": shop, "prepared": prepared, "run": run}
-
-
 def test_train_karma_mm_takes_the_image_width_and_trains_l_img(mm_run):
     run = mm_run["run"]
     saved = yaml.safe_load((run / "checkpoints" / "best" / "config.yaml").read_text())

@@ -91,3 +91,21 @@ def test_preranker_keeps_the_retrieval_order_when_fitting_does_not_help() -> Non
         if epochs == 0:
             assert out["hr@10"] == out["retrieval_hr@10"] and out["best_epoch"] == 0
         assert out["hr@10"] >= out["retrieval_hr@10"] - 0.03
+
+
+def test_page_candidates_order_the_page_by_u_e_and_mask_nothing() -> None:
+    from karma.preranking import page_candidates
+
+    rng = np.random.default_rng(0)
+    users, items, _ = _requests(rng, 3, 30, 4)
+    pages = [[5, 1, 9], [2], [7, 8, 3, 4]]
+    ids, scores = page_candidates(users, items, pages)
+    assert ids.shape == scores.shape == (3, 4)
+    for r, page in enumerate(pages):
+        assert sorted(ids[r][: len(page)]) == sorted(page) and (ids[r][len(page):] == -1).all()
+        np.testing.assert_allclose(scores[r][: len(page)], items[ids[r][: len(page)]] @ users[r],
+                                   rtol=1e-5)
+        assert np.all(np.diff(scores[r][: len(page)]) <= 0)
+        assert np.isneginf(scores[r][len(page):]).all()
+    with pytest.raises(KarmaError, match="2 result pages for 3 requests"):
+        page_candidates(users, items, pages[:2])
