@@ -197,9 +197,9 @@ def ctr_features(
     """The model inputs of every row. Ids are shifted by one so that 0 pads the sequences.
 
     user (R,), item (R,), genres (R, G), history (R, H); where any request has a query also
-    query (R, W) (its lower-cased words: a search ranker sees what was typed, with or without
-    KARMA); with embeddings also u (R, k) (the KARMA interest embedding of the row's request),
-    e (R, k) (the shown item's) and ue (R,).
+    query (R, W) (its lower-cased words known from the training rows: a search ranker sees
+    what was typed, with or without KARMA); with embeddings also u (R, k) (the KARMA interest
+    embedding of the row's request), e (R, k) (the shown item's) and ue (R,).
     """
     codes = {u: i + 1 for i, u in enumerate(dict.fromkeys(rows.user_ids))}
     genre_code: dict[str, int] = {}
@@ -222,9 +222,14 @@ def ctr_features(
         "history": padded([[h + 1 for h in hist] for hist in rows.histories]),
     }
     if any(rows.queries):
+        # the vocabulary of the training rows; a word first typed in an evaluation request has no
+        # trained embedding and is dropped (code 0, the padding)
         words: dict[str, int] = {}
+        for r in np.flatnonzero(rows.stage == 0):
+            for w in rows.queries[r].lower().split():
+                words.setdefault(w, len(words) + 1)
         features["query"] = padded([
-            [words.setdefault(w, len(words) + 1) for w in q.lower().split()] for q in rows.queries
+            [words[w] for w in q.lower().split() if w in words] for q in rows.queries
         ])
     if user_emb is not None and item_emb is not None:
         u = torch.as_tensor(np.asarray(user_emb), dtype=torch.float32)  # (R, k)
