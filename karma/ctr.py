@@ -4,7 +4,7 @@ KARMA's embedding features (u, e and u.e).
     rows = build_ctr_rows(data, cfg, users=set(test.user_ids))
     u = encode_users(model, rows.histories, rows.queries, catalog, item_texts)  # (R, k)
     features = ctr_features(rows, data, u, catalog.item_emb)
-    result = train_and_score(features, rows, with_karma=True, seed=0, cfg=cfg.funnel)
+    result = train_and_score(features, rows, n_items, KARMA_FEATURES, seed=0, cfg=cfg.funnel)
     result["auc"], result["gauc"], result["logloss"]
 
 Rows follow the retrieval split (karma/split.py): the evaluation requests are each user's valid
@@ -26,6 +26,7 @@ with KARMA, the dense u (k), e (k) and u.e (1).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from karma.errors import KarmaError
 from karma.metrics import auc, gauc, logloss
 
 STAGES = ("train", "valid", "test")  # the `stage` codes of CtrRows: 0, 1, 2
+KARMA_FEATURES = ("u", "e", "ue")  # the dense features ctr_features adds from the embeddings
 
 
 @dataclass
@@ -240,9 +242,10 @@ def ctr_features(
     return features
 
 
-def build_deepfm(features: dict[str, torch.Tensor], n_items: int, with_karma: bool,
+def build_deepfm(features: dict[str, torch.Tensor], n_items: int, karma: Sequence[str],
                  cfg: FunnelConfig) -> torch.nn.Module:
-    """torch-rechub's DeepFM over the `ctr_features` inputs (KARMA's dense ones when asked)."""
+    """torch-rechub's DeepFM over the `ctr_features` inputs and the dense KARMA features named in
+    `karma` (a subset of KARMA_FEATURES; DeepFM feeds dense inputs to its deep part only)."""
     from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
     from torch_rechub.models.ranking import DeepFM
 
@@ -258,11 +261,8 @@ def build_deepfm(features: dict[str, torch.Tensor], n_items: int, with_karma: bo
     if "query" in features:
         sparse.append(SequenceFeature("query", vocab_size=int(features["query"].max()) + 1,
                                       embed_dim=d, pooling="mean", padding_idx=0))
-    dense = []
-    if with_karma:
-        k = features["u"].shape[1]
-        dense = [DenseFeature("u", embed_dim=k), DenseFeature("e", embed_dim=k),
-                 DenseFeature("ue")]
+    dense = [DenseFeature(name, embed_dim=features[name].shape[1] if name != "ue" else 1)
+             for name in karma]
     mlp = {"dims": list(cfg.ctr_hidden), "dropout": cfg.ctr_dropout, "activation": "relu"}
     return DeepFM(deep_features=sparse + dense, fm_features=sparse, mlp_params=mlp)
 
@@ -275,19 +275,21 @@ def train_and_score(
     features: dict[str, torch.Tensor],
     rows: CtrRows,
     n_items: int,
-    with_karma: bool,
+    karma: Sequence[str],
     seed: int,
     cfg: FunnelConfig,
     show_progress: bool = True,
 ) -> dict[str, float]:
-    """Train DeepFM on the training rows (binary cross-entropy, Adam, `funnel.ctr_epochs`), score
-    the valid + test rows, return AUC, gAUC (per user, weighted by impressions) and logloss."""
-    if with_karma and "u" not in features:
-        raise KarmaError("with_karma needs the u / e features (ctr_features with embeddings)")
-    if not with_karma:
-        features = {k: v for k, v in features.items() if k not in ("u", "e", "ue")}
+    """Train DeepFM on the training rows (binary cross-entropy, Adam, `funnel.ctr_epochs`) with
+    the KARMA features named in `karma` (() = none), score the valid + test rows, return AUC,
+    gAUC (per user, weighted by impressions) and logloss."""
+    unknown = [name for name in karma if name not in KARMA_FEATURES or name not in features]
+    if unknown:
+        raise KarmaError(f"KARMA features {unknown}: expected some of {KARMA_FEATURES}, computed "
+                         "by ctr_features with embeddings")
+    features = {k: v for k, v in features.items() if k not in KARMA_FEATURES or k in karma}
     torch.manual_seed(seed)
-    model = build_deepfm(features, n_items, with_karma, cfg)
+    model = build_deepfm(features, n_items, karma, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.ctr_lr, weight_decay=cfg.ctr_weight_decay)
     labels = torch.as_tensor(rows.labels)
     train_idx = torch.as_tensor(np.flatnonzero(rows.stage == 0))
@@ -298,7 +300,7 @@ def train_and_score(
     bs = cfg.ctr_batch_size
     model.train()
     steps = range(cfg.ctr_epochs)
-    for _ in tqdm(steps, desc=f"ctr {'+karma' if with_karma else 'base'} seed {seed}",
+    for _ in tqdm(steps, desc=f"ctr {'+' + '+'.join(karma) if karma else 'base'} seed {seed}",
                   disable=not show_progress, leave=False):
         perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
         for s in range(0, len(perm), bs):
@@ -320,4 +322,5 @@ def train_and_score(
             "gauc_users": float(n_groups)}
 
 
-__all__ = ["CtrRows", "build_ctr_rows", "ctr_features", "train_and_score", "user_sequences"]
+__all__ = ["KARMA_FEATURES", "CtrRows", "build_ctr_rows", "ctr_features", "train_and_score",
+           "user_sequences"]

@@ -8,8 +8,8 @@ Per checkpoint: the catalog (with its image features, where the model reads them
 needed request are encoded once (karma.inference); recall is full-catalog HR@K of the test
 requests (karma.evaluate, seen items masked); pre-ranking re-scores the top `funnel.candidates`
 of that retrieval, or on data with result pages (the shop) each request's page
-(`funnel.prerank_candidates`, karma/preranking.py); ranking trains a DeepFM CTR model with and
-without the checkpoint's u, e, u.e (karma/ctr.py). Trained scorers run
+(`funnel.prerank_candidates`, karma/preranking.py); ranking trains a DeepFM CTR model without
+the checkpoint's features, with u.e alone and with u, e, u.e (karma/ctr.py). Trained scorers run
 once per seed of `funnel.seeds`, reported as mean +- std. The ranking model without KARMA
 features does not depend on the checkpoint: it is trained once and shown in every column.
 Outputs in --out: funnel.json, funnel.md, funnel.png.
@@ -77,7 +77,7 @@ def _encode_checkpoint(
 
 def _stages(enc: dict[str, Any], show_progress: bool) -> dict[str, Any]:
     """Recall and pre-ranking of one encoded checkpoint, and its ranking with KARMA features."""
-    from karma.ctr import ctr_features, train_and_score
+    from karma.ctr import KARMA_FEATURES, ctr_features, train_and_score
     from karma.evaluate import evaluate_embeddings
     from karma.preranking import run_preranking
 
@@ -99,11 +99,17 @@ def _stages(enc: dict[str, Any], show_progress: bool) -> dict[str, Any]:
         for seed in seeds
     ]
     features = ctr_features(rows, data, u, enc["item_emb"])
-    ranking = [
-        train_and_score(features, rows, data.items.n_items, True, seed, cfg.funnel, show_progress)
-        for seed in seeds
-    ]
-    return {"recall": recall, "preranking": _aggregate(pre), "ranking_karma": _aggregate(ranking)}
+
+    def ranking(karma: tuple[str, ...]) -> dict[str, Any]:
+        return _aggregate([
+            train_and_score(features, rows, data.items.n_items, karma, seed, cfg.funnel,
+                            show_progress)
+            for seed in seeds
+        ])
+
+    # the scalar u.e alone, and the whole embeddings with it (k + k + 1 dense inputs)
+    return {"recall": recall, "preranking": _aggregate(pre), "ranking_ue": ranking(("ue",)),
+            "ranking_karma": ranking(KARMA_FEATURES)}
 
 
 def _on_pages(cfg: Any, rows: Any) -> bool:
@@ -151,7 +157,7 @@ def _protocol(encs: list[dict[str, Any]], checkpoints: list[Path]) -> dict[str, 
         "ranking": f"DeepFM (torch-rechub) on {impressions}, eval rows = valid + test requests "
                    f"({n_eval} rows, click rate {rows.labels[rows.stage > 0].mean():.3f}); "
                    f"{f.ctr_epochs} epochs; features: user, item, genres, history{query} "
-                   "(+ u, e, u.e)",
+                   "(+ u.e alone; + u, e, u.e)",
         "seeds": list(f.seeds),
         "features_rule": "every row's history (and so its u) ends before the row",
     }
@@ -181,6 +187,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, list[Any]]]:
     base = results["ranking_base"]
     for key in RANKING_METRICS:
         out.append(("ranking", f"{key} without KARMA", [base[key]] * len(cols)))
+        out.append(("ranking", f"{key} with u.e", [p["ranking_ue"][key] for p in per]))
         out.append(("ranking", f"{key} with u, e, u.e", [p["ranking_karma"][key] for p in per]))
     return out
 
@@ -229,6 +236,7 @@ def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "recall": {k: _mean_std([r["stages"][c]["recall"][k] for r in runs])
                        for k in first["stages"][c]["recall"]},
             "preranking": pooled([r["stages"][c]["preranking"] for r in runs]),
+            "ranking_ue": pooled([r["stages"][c]["ranking_ue"] for r in runs]),
             "ranking_karma": pooled([r["stages"][c]["ranking_karma"] for r in runs]),
         }
         for c in cols
@@ -263,8 +271,8 @@ def plot_funnel(results: dict[str, Any], path: Path) -> None:
             errs = [r[2][j]["std"] if isinstance(r[2][j], dict) else 0.0 for r in prow]
             ax.bar(x + j * width, means, width, yerr=errs, label=col, capsize=3)
         ax.set_xticks(x + width * (len(cols) - 1) / 2)
-        ax.set_xticklabels([r[1].replace(" with u, e, u.e", "\n+KARMA").replace(
-            " without KARMA", "\nbase") for r in prow], fontsize=8)
+        ax.set_xticklabels([r[1].replace(" with u, e, u.e", "\n+u, e, u.e").replace(
+            " with u.e", "\n+u.e").replace(" without KARMA", "\nbase") for r in prow], fontsize=8)
         ax.set_title(title)
         if title == "ranking":
             lo = min(_mean(v) for r in prow for v in r[2])
@@ -309,7 +317,7 @@ def run_funnel(
     stages = {name: _stages(enc, show_progress) for name, enc in zip(names, encs)}
     base_features = ctr_features(first["rows"], first["data"], None, None)
     base = _aggregate([
-        train_and_score(base_features, first["rows"], first["data"].items.n_items, False, seed,
+        train_and_score(base_features, first["rows"], first["data"].items.n_items, (), seed,
                         first["cfg"].funnel, show_progress)
         for seed in first["cfg"].funnel.seeds
     ])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from karma.config import load_config
-from karma.ctr import build_ctr_rows, ctr_features, train_and_score
+from karma.ctr import KARMA_FEATURES, build_ctr_rows, ctr_features, train_and_score
 from karma.data import load_prepared, load_source
 from karma.errors import KarmaError
 
@@ -107,10 +107,13 @@ def test_deepfm_learns_and_karma_features_are_used(prepared, rows150) -> None:
         size=(len(rows), 4)).astype(np.float32)
     features = ctr_features(rows, data, u, item_emb)
     assert features["u"].shape == (len(rows), 4) and features["ue"].shape == (len(rows),)
-    base = train_and_score(features, rows, data.items.n_items, False, 0, cfg.funnel, False)
-    with_k = train_and_score(features, rows, data.items.n_items, True, 0, cfg.funnel, False)
+    n = data.items.n_items
+    base = train_and_score(features, rows, n, (), 0, cfg.funnel, False)
+    with_k = train_and_score(features, rows, n, KARMA_FEATURES, 0, cfg.funnel, False)
+    with_ue = train_and_score(features, rows, n, ("ue",), 0, cfg.funnel, False)
     assert 0.0 < base["logloss"] < 2.0 and base["gauc_users"] > 10
     assert with_k["auc"] > 0.9 > base["auc"]
+    assert with_ue["auc"] > 0.9  # the scalar u.e alone carries it too
 
 
 def test_bad_inputs_name_the_field(prepared, rows150) -> None:
@@ -122,9 +125,12 @@ def test_bad_inputs_name_the_field(prepared, rows150) -> None:
     with pytest.raises(KarmaError, match="user 'nobody'"):
         build_ctr_rows(data, cfg, ["nobody"])
     _, rows = rows150
-    with pytest.raises(KarmaError, match="with_karma"):
-        train_and_score(ctr_features(rows, data, None, None), rows, data.items.n_items, True, 0,
-                        cfg.funnel, False)
+    with pytest.raises(KarmaError, match=r"KARMA features \['u'\]"):
+        train_and_score(ctr_features(rows, data, None, None), rows, data.items.n_items, ("u",),
+                        0, cfg.funnel, False)
+    with pytest.raises(KarmaError, match="KARMA features"):
+        train_and_score(ctr_features(rows, data, None, None), rows, data.items.n_items,
+                        ("user",), 0, cfg.funnel, False)
 
 
 @pytest.fixture(scope="module")
@@ -185,5 +191,5 @@ def test_a_search_ranker_reads_the_query_words(shop_rows) -> None:
         assert int((features["query"][r] > 0).sum()) == len(known)
     assert (features["query"][np.flatnonzero([not q for q in rows.queries])] == 0).all()
     cfg.funnel.ctr_epochs = 1
-    result = train_and_score(features, rows, data.items.n_items, False, 0, cfg.funnel, False)
+    result = train_and_score(features, rows, data.items.n_items, (), 0, cfg.funnel, False)
     assert 0.0 <= result["auc"] <= 1.0 and np.isfinite(result["logloss"])

@@ -28,7 +28,8 @@ def test_funnel_cli_writes_the_three_stage_table(debug_checkpoint: Path, tmp_pat
     assert (out / "funnel.png").stat().st_size > 10_000
     md = (out / "funnel.md").read_text()
     for text in ("protocol", "| recall | hr@10 |", "| pre-ranking | hr@10 |",
-                 "| ranking | auc with u, e, u.e |", "| ranking | gauc without KARMA |"):
+                 "| ranking | auc with u, e, u.e |", "| ranking | gauc without KARMA |",
+                 "| ranking | auc with u.e |"):
         assert text in md
     assert results["protocol"]["users"] == 80
     a, b = (results["stages"][c] for c in results["columns"])
