@@ -9,7 +9,7 @@
     # the shop: one (action_only, karma) pair per training seed of benchmarks/shop_experiment.py
     PYTHONPATH=. python benchmarks/funnel.py --results benchmarks/results/funnel_shop_cpu \\
         --pairs 'runs/shop_search/{preset}/seed{seed}/train/checkpoints/best' --seeds 0 1 2 \\
-        --set 'funnel.ks=[1,5,10]'
+        --set 'funnel.ks=[1,3,5]'   # pages of 10 items
 
 Without --checkpoints / --pairs it trains both presets on ML-100K with the CPU demo recipe
 (karma/demo.py CPU_RECIPE); a finished training run in --runs is reused. With --pairs, the pair of
