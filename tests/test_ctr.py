@@ -8,9 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from karma.config import load_config
-from karma.ctr import KARMA_FEATURES, build_ctr_rows, ctr_features, train_and_score
+from karma.ctr import (
+    KARMA_FEATURES,
+    build_ctr_rows,
+    ctr_features,
+    standardize_dense,
+    train_and_score,
+)
 from karma.data import load_prepared, load_source
 from karma.errors import KarmaError
 
@@ -114,6 +121,15 @@ def test_deepfm_learns_and_karma_features_are_used(prepared, rows150) -> None:
     assert 0.0 < base["logloss"] < 2.0 and base["gauc_users"] > 10
     assert with_k["auc"] > 0.9 > base["auc"]
     assert with_ue["auc"] > 0.9  # the scalar u.e alone carries it too
+    # the KARMA inputs are z-scored on the training rows only
+    train = torch.as_tensor(np.flatnonzero(rows.stage == 0))
+    scaled = standardize_dense({k: 0.01 * v for k, v in features.items()}, ("u", "ue"), train)
+    assert set(scaled) == {"u", "ue"}
+    torch.testing.assert_close(scaled["ue"][train].mean(), torch.tensor(0.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(scaled["u"][train].std(dim=0), torch.ones(4), atol=1e-4, rtol=0)
+    ev = rows.stage > 0  # evaluation rows scaled by the training statistics, not their own
+    fit = features["ue"][train]
+    torch.testing.assert_close(scaled["ue"][ev], (features["ue"][ev] - fit.mean()) / fit.std())
 
 
 def test_bad_inputs_name_the_field(prepared, rows150) -> None:
