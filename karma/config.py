@@ -279,6 +279,10 @@ class FunnelConfig:
     # Ranking: impressions = a user's rated items, click = rating >= click_rating
     click_rating: float = 4.0
     train_window: int = 10  # CTR training rows per user (its last ones before valid); 0 = all
+    # what the CTR model is fitted on: train (the last `train_window` training requests of each
+    # user, scored on valid + test) or valid (the valid requests, scored on test: rows whose
+    # target the checkpoint never trained on, so u.e is not inflated by memorization)
+    ctr_fit: str = "train"
     ctr_epochs: int = 4
     ctr_batch_size: int = 256
     ctr_lr: float = 1.0e-3
@@ -420,6 +424,7 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("train.query_dropout", lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
     ("funnel.prerank_candidates", lambda v: v in ("auto", "retrieval", "page"),
      "one of auto, retrieval, page"),
+    ("funnel.ctr_fit", lambda v: v in ("train", "valid"), "one of train, valid"),
 ]
 
 

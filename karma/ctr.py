@@ -58,6 +58,15 @@ class CtrRows:
     # one (and its history, query and u); on MovieLens every row is its own request
     requests: np.ndarray
     pages: bool = False  # rows come from result pages (clicked vs shown), not ratings
+    # the CTR model is fitted on the rows of this stage and scored on the later ones
+    # (funnel.ctr_fit: 0 = train, scored on valid + test; 1 = valid, scored on test)
+    fit_stage: int = 0
+
+    def fit_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.stage == self.fit_stage)
+
+    def eval_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.stage > self.fit_stage)
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -117,7 +126,7 @@ def build_ctr_rows(data: Any, cfg: Config, users: list[str]) -> CtrRows:
     for name, ex in splits.items():
         for i, user in enumerate(ex.user_ids):
             index[name].setdefault(user, []).append(i)
-    out = CtrRows([], [], [], [], [], [], [], [], [])
+    out = CtrRows([], [], [], [], [], [], [], [], [], fit_stage=STAGES.index(cfg.funnel.ctr_fit))
     if has_pages(data):
         _page_rows(out, splits, index, users, cfg)
     else:
@@ -131,14 +140,17 @@ def build_ctr_rows(data: Any, cfg: Config, users: list[str]) -> CtrRows:
     return out
 
 
-def _placed(index: dict, user: str, window: int) -> list[tuple[str, int, int]]:
+def _placed(index: dict, user: str, cfg: Config) -> list[tuple[str, int, int]]:
     """(split, row in it, position in the user's sequence) of a user's CTR requests: the last
-    `window` training ones (0 = all), then valid and test. Prepared train rows are positions
-    1 .. n-3, valid n-2, test n-1 (karma/split.py)."""
+    `funnel.train_window` training ones (0 = all; none with funnel.ctr_fit=valid), then valid
+    and test. Prepared train rows are positions 1 .. n-3, valid n-2, test n-1 (karma/split.py)."""
     train_rows = index["train"].get(user, [])
     n = len(train_rows) + 3
     placed = [("train", i, 1 + j) for j, i in enumerate(train_rows)]
-    if window:
+    window = cfg.funnel.train_window
+    if cfg.funnel.ctr_fit == "valid":
+        placed = []
+    elif window:
         placed = placed[-window:]
     return placed + [("valid", index["valid"][user][0], n - 2),
                      ("test", index["test"][user][0], n - 1)]
@@ -165,7 +177,7 @@ def _page_rows(out: CtrRows, splits: dict, index: dict, users: list[str], cfg: C
         if user not in index["test"] or user not in index["valid"]:
             raise KarmaError(f"user '{user}' has no valid / test request in prepared_dir "
                              f"{cfg.data.prepared_dir}")
-        for name, i, pos in _placed(index, user, cfg.funnel.train_window):
+        for name, i, pos in _placed(index, user, cfg):
             ex = splits[name]
             page = [int(ex.targets[i])] + [int(j) for j in ex.impressions[i]]
             for k, item in enumerate(page):
@@ -182,7 +194,7 @@ def _rating_rows(out: CtrRows, splits: dict, index: dict, users: list[str], cfg:
             raise KarmaError(f"user '{user}' is in the prepared data or the request but not both "
                              f"(prepared_dir {cfg.data.prepared_dir}, ratings {path})")
         n = len(seq)
-        for name, i, pos in _placed(index, user, cfg.funnel.train_window):
+        for name, i, pos in _placed(index, user, cfg):
             ex = splits[name]
             if int(ex.targets[i]) != int(seq[pos]) or len(index["train"].get(user, [])) != n - 3:
                 raise KarmaError(
@@ -227,7 +239,7 @@ def ctr_features(
         # the vocabulary of the training rows; a word first typed in an evaluation request has no
         # trained embedding and is dropped (code 0, the padding)
         words: dict[str, int] = {}
-        for r in np.flatnonzero(rows.stage == 0):
+        for r in rows.fit_rows():
             for w in rows.queries[r].lower().split():
                 words.setdefault(w, len(words) + 1)
         features["query"] = padded([
@@ -303,13 +315,13 @@ def train_and_score(
         raise KarmaError(f"KARMA features {unknown}: expected some of {KARMA_FEATURES}, computed "
                          "by ctr_features with embeddings")
     features = {k: v for k, v in features.items() if k not in KARMA_FEATURES or k in karma}
-    train_idx = torch.as_tensor(np.flatnonzero(rows.stage == 0))
+    train_idx = torch.as_tensor(rows.fit_rows())
     features.update(standardize_dense(features, karma, train_idx))
     torch.manual_seed(seed)
     model = build_deepfm(features, n_items, karma, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.ctr_lr, weight_decay=cfg.ctr_weight_decay)
     labels = torch.as_tensor(rows.labels)
-    eval_idx = torch.as_tensor(np.flatnonzero(rows.stage > 0))
+    eval_idx = torch.as_tensor(rows.eval_rows())
     if len(train_idx) == 0:
         raise KarmaError("no CTR training rows (users need more than 3 interactions)")
     gen = torch.Generator().manual_seed(seed)

@@ -124,22 +124,23 @@ def _on_pages(cfg: Any, rows: Any) -> bool:
 def _protocol(encs: list[dict[str, Any]], checkpoints: list[Path]) -> dict[str, Any]:
     cfg, data, rows = encs[0]["cfg"], encs[0]["data"], encs[0]["rows"]
     f = cfg.funnel
-    n_train = int((rows.stage == 0).sum())
-    n_eval = int((rows.stage > 0).sum())
+    n_train, n_eval = len(rows.fit_rows()), len(rows.eval_rows())
     n_pages = len(rows.request_rows())
     if _on_pages(cfg, rows):
         candidates = (f"each request's result page (the clicked item and the items shown beside "
                       f"it, {len(rows) / n_pages:.1f} on average), ordered by u.e")
     else:
         candidates = f"top-{f.candidates} of recall per request"
-    if rows.pages:
-        impressions = (f"result pages: the clicked item = 1, the items shown beside it = 0; "
-                       f"train rows = the pages of the last {f.train_window or 'all'} training "
-                       f"requests per user ({n_train} rows)")
+    if f.ctr_fit == "valid":
+        fit = (f"train rows = the valid requests, eval rows = the test requests (the checkpoint "
+               f"trained on neither); {n_train} / {n_eval} rows")
     else:
-        impressions = (f"impressions = rated items, click = rating >= {f.click_rating:g}; train "
-                       f"rows = last {f.train_window or 'all'} training positions per user "
-                       f"({n_train} rows)")
+        fit = (f"train rows = the last {f.train_window or 'all'} training requests per user, "
+               f"eval rows = valid + test requests; {n_train} / {n_eval} rows")
+    if rows.pages:
+        impressions = "result pages: the clicked item = 1, the items shown beside it = 0"
+    else:
+        impressions = f"impressions = rated items, click = rating >= {f.click_rating:g}"
     query = ", query words" if any(rows.queries) else ""
     return {
         "checkpoints": [str(c) for c in checkpoints],
@@ -154,8 +155,8 @@ def _protocol(encs: list[dict[str, Any]], checkpoints: list[Path]) -> dict[str, 
                       "the retrieval order), fitted on 4/5 of the valid requests, epoch "
                       f"(0..{f.prerank_epochs}) chosen on the other fifth, scored on the test "
                       "requests",
-        "ranking": f"DeepFM (torch-rechub) on {impressions}, eval rows = valid + test requests "
-                   f"({n_eval} rows, click rate {rows.labels[rows.stage > 0].mean():.3f}); "
+        "ranking": f"DeepFM (torch-rechub) on {impressions}; {fit} (eval click rate "
+                   f"{rows.labels[rows.eval_rows()].mean():.3f}); "
                    f"{f.ctr_epochs} epochs; features: user, item, genres, history{query} "
                    "(+ u.e alone; + u, e, u.e)",
         "seeds": list(f.seeds),

@@ -4,6 +4,7 @@ from a history that ends before it, labels follow the ratings file, and DeepFM t
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,23 @@ def test_a_search_ranker_reads_the_query_words(shop_rows) -> None:
     cfg.funnel.ctr_epochs = 1
     result = train_and_score(features, rows, data.items.n_items, (), 0, cfg.funnel, False)
     assert 0.0 <= result["auc"] <= 1.0 and np.isfinite(result["logloss"])
+
+
+def test_ctr_fit_valid_fits_on_rows_the_checkpoint_never_trained_on(shop_rows) -> None:
+    """funnel.ctr_fit=valid: the ranker is fitted on the valid requests and scored on the test
+    requests, the two interactions retrieval holds out; no training request is used."""
+    from karma.config import ConfigError
+
+    cfg, data, users, _ = shop_rows
+    cfg = copy.deepcopy(cfg)
+    cfg.funnel.ctr_fit = "valid"
+    rows = build_ctr_rows(data, cfg, users)
+    assert set(rows.stage.tolist()) == {1, 2}
+    assert (rows.stage[rows.fit_rows()] == 1).all() and (rows.stage[rows.eval_rows()] == 2).all()
+    assert len(rows.fit_rows()) + len(rows.eval_rows()) == len(rows)
+    cfg.funnel.ctr_epochs = 1
+    features = ctr_features(rows, data, None, None)
+    result = train_and_score(features, rows, data.items.n_items, (), 0, cfg.funnel, False)
+    assert 0.0 <= result["auc"] <= 1.0 and result["gauc_users"] <= len(users)
+    with pytest.raises(ConfigError, match="funnel.ctr_fit"):
+        load_config(ROOT / "configs" / "debug.yaml", ["funnel.ctr_fit=test"])
