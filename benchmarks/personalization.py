@@ -270,6 +270,8 @@ def collect(row: dict, wall: float) -> dict:
         "test_hr50": m["masked"].get("hr@50"),
         "test_hr10_other_history": (m.get("other history") or {}).get("hr@10"),
         "cold_hr10": (m.get("cold") or {}).get("hr@10"),
+        "cold_hr50": (m.get("cold") or {}).get("hr@50"),
+        "cold_hr200": (m.get("cold") or {}).get("hr@200"),
         "cold_users": res["protocol"].get("cold_users"),
         "history_token_cos": (res.get("geometry") or {}).get("history_token_cos"),
         "item_emb_cos": (res.get("geometry") or {}).get("item_emb_cos"),
@@ -336,7 +338,8 @@ def write_report(results: list[dict], out: Path) -> None:
         lines += ["", "Over seeds (test HR@10, and on the cold subset where it was measured with "
                   "eval.cold_threshold=20; mean +- sample std):", ""]
         for k, rs in seeded.items():
-            cold = (f"; cold {spread(rs, 'cold_hr10')} ({rs[0]['cold_users']} users)"
+            cold = (f"; cold ({rs[0]['cold_users']} users) HR@10 {spread(rs, 'cold_hr10')}, "
+                    f"HR@50 {spread(rs, 'cold_hr50')}, HR@200 {spread(rs, 'cold_hr200')}"
                     if k.startswith("cold20/") else "")
             lines.append(f"- {k}: {spread(rs, 'test_hr10')} ({len(rs)} seeds){cold}")
     lines += ["", "Rows: `ablation/*` share one budget (100 steps x 16, action_only, no query, "
@@ -406,6 +409,9 @@ def main() -> None:
     ap.add_argument("--skip", default="$^", help="regex over row ids not to run")
     ap.add_argument("--list", action="store_true", help="print the rows and commands, run nothing")
     ap.add_argument("--report", action="store_true", help="only rewrite the report")
+    ap.add_argument("--recollect", action="store_true",
+                    help="with --report: read the figures of the finished rows of --only again "
+                    "from their metrics files (wall time kept), e.g. after a new column")
     ap.add_argument("--out", default="benchmarks/results/personalization_cpu")
     args = ap.parse_args()
     selected = [r for r in rows()
@@ -419,6 +425,12 @@ def main() -> None:
     if not args.report:
         for r in selected:
             run_row(r)
+    elif args.recollect:
+        for r in selected:
+            done = ROOT / r["id"] / "row.json"
+            if done.exists():
+                wall = json.loads(done.read_text())["wall_s"]
+                done.write_text(json.dumps(collect(r, wall), indent=2))
     # A row finished on another machine (runs/ is not committed) keeps its published record.
     out_json = Path(args.out).with_suffix(".json")
     published = ({r["id"]: r for r in json.loads(out_json.read_text())}
