@@ -331,7 +331,9 @@ def write_report(results: list[dict], out: Path) -> None:
     seeded = {k: v for k, v in groups.items() if len(v) > 1}
 
     def spread(rs: list[dict], key: str) -> str:
-        v = [r[key] for r in rs]
+        v = [r[key] for r in rs if r.get(key) is not None]  # rows recorded before a column: none
+        if len(v) < 2:
+            return f"{v[0]:.4f} (one seed)" if v else "not recorded"
         return f"{statistics.mean(v):.4f} +- {statistics.stdev(v):.4f}"
 
     if seeded:
