@@ -345,7 +345,13 @@ def train_and_score(
         ]).numpy()  # (E,)
     y = rows.labels[eval_idx.numpy()]
     groups = [rows.user_ids[i] for i in eval_idx.tolist()]
-    g, n_groups = gauc(y, probs, groups)
+    classes: dict[str, set[bool]] = {}
+    for user, label in zip(groups, y):
+        classes.setdefault(user, set()).add(bool(label))
+    # with one evaluation row per user (MovieLens, funnel.ctr_fit=valid) no user has both
+    # classes: gAUC is undefined there, NaN, and AUC / logloss still stand
+    mixed = any(len(c) == 2 for c in classes.values())
+    g, n_groups = gauc(y, probs, groups) if mixed else (float("nan"), 0)
     return {"auc": auc(y, probs), "gauc": g, "logloss": logloss(y, probs),
             "gauc_users": float(n_groups)}
 

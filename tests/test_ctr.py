@@ -212,7 +212,7 @@ def test_a_search_ranker_reads_the_query_words(shop_rows) -> None:
     assert 0.0 <= result["auc"] <= 1.0 and np.isfinite(result["logloss"])
 
 
-def test_ctr_fit_valid_fits_on_rows_the_checkpoint_never_trained_on(shop_rows) -> None:
+def test_ctr_fit_valid_fits_on_rows_the_checkpoint_never_trained_on(shop_rows, prepared) -> None:
     """funnel.ctr_fit=valid: the ranker is fitted on the valid requests and scored on the test
     requests, the two interactions retrieval holds out; no training request is used."""
     from karma.config import ConfigError
@@ -228,5 +228,14 @@ def test_ctr_fit_valid_fits_on_rows_the_checkpoint_never_trained_on(shop_rows) -
     features = ctr_features(rows, data, None, None)
     result = train_and_score(features, rows, data.items.n_items, (), 0, cfg.funnel, False)
     assert 0.0 <= result["auc"] <= 1.0 and result["gauc_users"] <= len(users)
+    # MovieLens: one evaluation row per user, so gAUC is undefined (NaN) while AUC stands
+    ml_cfg, ml_data = prepared
+    ml_cfg = copy.deepcopy(ml_cfg)
+    ml_cfg.funnel.ctr_fit, ml_cfg.funnel.ctr_epochs = "valid", 1
+    ml_rows = build_ctr_rows(ml_data, ml_cfg, list(ml_data.split("test").user_ids)[:150])
+    assert len(ml_rows.eval_rows()) == 150
+    ml = train_and_score(ctr_features(ml_rows, ml_data, None, None), ml_rows,
+                         ml_data.items.n_items, (), 0, ml_cfg.funnel, False)
+    assert np.isnan(ml["gauc"]) and ml["gauc_users"] == 0 and 0.0 <= ml["auc"] <= 1.0
     with pytest.raises(ConfigError, match="funnel.ctr_fit"):
         load_config(ROOT / "configs" / "debug.yaml", ["funnel.ctr_fit=test"])
