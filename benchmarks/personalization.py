@@ -207,9 +207,10 @@ def rows() -> list[dict]:
 
 
 def _reevaluated(row: dict, row_id: str, suffix: str, overrides: list[str]) -> dict:
-    """`row`'s checkpoint evaluated with other eval settings (no training of its own)."""
+    """The checkpoint `row` is tested on, evaluated with other eval settings (no training of
+    its own)."""
     return {**row, "id": row_id, "recipe": row["recipe"] + suffix, "default": False,
-            "overrides": overrides, "checkpoint_of": row["id"]}
+            "overrides": overrides, "checkpoint_of": row["id"], "checkpoint": _checkpoint(row)}
 
 
 def _filtered(row: dict, row_id: str) -> dict:
@@ -227,8 +228,9 @@ def _checkpoint(row: dict) -> str:
     """The checkpoint a row (or a row evaluating another's checkpoint) is tested on: the long
     recipes train past their best validation point (ML-100K: best at step 1,000 of 3,000,
     docs/decisions.md), so their rows evaluate the checkpoint selected on validation."""
-    recipe = row["recipe"].removesuffix("-filter").removesuffix("-cold20")
-    return "best" if recipe in ("long", "long-all", "long-search") else "last"
+    if "checkpoint" in row:  # a row evaluating another's: the one that row is tested on
+        return row["checkpoint"]
+    return "best" if row["recipe"] in ("long", "long-all", "long-search") else "last"
 
 
 def commands(row: dict) -> list[list[str]]:
@@ -264,7 +266,7 @@ def collect(row: dict, wall: float) -> dict:
     metrics = run / "metrics.json" if row["recipe"] == "baseline" else run / "eval" / "metrics.json"
     res = json.loads(metrics.read_text())
     m = res["metrics"]
-    out = {k: v for k, v in row.items() if k not in ("overrides", "checkpoint_of")}
+    out = {k: v for k, v in row.items() if k not in ("overrides", "checkpoint_of", "checkpoint")}
     out.update({
         "test_hr10": m["masked"]["hr@10"], "test_ndcg10": m["masked"]["ndcg@10"],
         "test_hr50": m["masked"].get("hr@50"),
