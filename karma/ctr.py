@@ -309,21 +309,22 @@ def train_and_score(
 ) -> dict[str, float]:
     """Train DeepFM on the training rows (binary cross-entropy, Adam, `funnel.ctr_epochs`) with
     the KARMA features named in `karma` (() = none; standardized on the training rows), score the
-    valid + test rows, return AUC, gAUC (per user, weighted by impressions) and logloss."""
+    rows after them (`CtrRows.eval_rows`: valid + test, or test with funnel.ctr_fit=valid),
+    return AUC, gAUC (per user, weighted by impressions) and logloss."""
     unknown = [name for name in karma if name not in KARMA_FEATURES or name not in features]
     if unknown:
         raise KarmaError(f"KARMA features {unknown}: expected some of {KARMA_FEATURES}, computed "
                          "by ctr_features with embeddings")
     features = {k: v for k, v in features.items() if k not in KARMA_FEATURES or k in karma}
     train_idx = torch.as_tensor(rows.fit_rows())
+    if len(train_idx) == 0:
+        raise KarmaError("no CTR training rows (users need more than 3 interactions)")
     features.update(standardize_dense(features, karma, train_idx))
     torch.manual_seed(seed)
     model = build_deepfm(features, n_items, karma, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.ctr_lr, weight_decay=cfg.ctr_weight_decay)
     labels = torch.as_tensor(rows.labels)
     eval_idx = torch.as_tensor(rows.eval_rows())
-    if len(train_idx) == 0:
-        raise KarmaError("no CTR training rows (users need more than 3 interactions)")
     gen = torch.Generator().manual_seed(seed)
     bs = cfg.ctr_batch_size
     model.train()
