@@ -178,7 +178,7 @@ class UserSequences:
             starts = [st.shape[0] for st in states]
             suffixes = _cached(
                 _cache_dir() / f"{h.hexdigest()[:24]}-next.pt",
-                lambda: _suffix_states(model, target_ids, starts, cfg.eval.batch_size),
+                lambda: _suffix_states(model, target_ids, starts, cfg.eval.batch_size, progress),
             )
         queries = _target_queries(data.split("train"), users) if with_kv else None
         cats, columns = category_matrix(data.items.categories) if with_kv else (None, None)
@@ -517,7 +517,11 @@ def _lower_states(
 
 @torch.no_grad()
 def _suffix_states(
-    model: KarmaModel, target_ids: list[list[int]], starts: list[int], batch_size: int
+    model: KarmaModel,
+    target_ids: list[list[int]],
+    starts: list[int],
+    batch_size: int,
+    progress: bool = False,
 ) -> list[torch.Tensor]:
     """Lower states of " Next: {x_n text}<eos>" per user on their own (they meet the history only
     in the trainable top layers), positions continuing at starts[u]; right-padded batches, so
@@ -525,7 +529,8 @@ def _suffix_states(
     next_ids = model.prompt.next_ids
     seqs = [next_ids + list(t) for t in target_ids]
     out: list[torch.Tensor] = []
-    for s in range(0, len(seqs), batch_size):
+    batches = range(0, len(seqs), batch_size)
+    for s in tqdm(batches, desc="cache target text", disable=not progress, leave=False):
         chunk = seqs[s : s + batch_size]
         ids, mask, _ = pad_sequences(chunk, model.prompt.pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
