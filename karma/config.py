@@ -193,6 +193,10 @@ class EvalConfig:
     # Cold items: the same metrics on the users whose target was a training target fewer than
     # cold_threshold times (0 = off)
     cold_threshold: int = 5
+    # A hybrid model (model.item_ids) scores the items that were a training target fewer than
+    # id_min_count times on their text alone, as it does items never seen in training: the few
+    # clicks such an ID row saw may fit it worse than the text (0 = every trained ID is used)
+    id_min_count: int = 0
     # Personalization check: score every user with another user's history (a seeded permutation of
     # the histories, queries kept) and report those metrics too
     other_history: bool = True
@@ -395,6 +399,7 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
     ("eval.max_users", lambda v: v >= 0, ">= 0 (0 = all users)"),
     ("eval.cold_threshold", lambda v: v >= 0, ">= 0 (0 = no cold-item subset)"),
+    ("eval.id_min_count", lambda v: v >= 0, ">= 0 (0 = every trained item ID is used)"),
     ("data.max_history", lambda v: v >= 1, ">= 1"),
     ("data.min_interactions", lambda v: v >= 3, ">= 3 (one train, one valid and one test item)"),
     ("train.steps", lambda v: v >= 1, ">= 1"),

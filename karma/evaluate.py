@@ -253,10 +253,13 @@ def cold_rows(data: Any, examples: Any, threshold: int) -> np.ndarray | None:
     knowledge of the text must carry the ranking. None when threshold is 0."""
     if threshold <= 0:
         return None
-    counts = np.bincount(
-        np.asarray(data.split("train").targets, dtype=np.int64), minlength=data.items.n_items
-    )
-    return counts[np.asarray(examples.targets, dtype=np.int64)] < threshold
+    return target_counts(data)[np.asarray(examples.targets, dtype=np.int64)] < threshold
+
+
+def target_counts(data: Any) -> np.ndarray:
+    """(n_items,) how often each item is a training target."""
+    targets = np.asarray(data.split("train").targets, dtype=np.int64)
+    return np.bincount(targets, minlength=data.items.n_items)
 
 
 def query_filter(data, examples) -> list[list[int]] | None:
@@ -391,6 +394,8 @@ def _load_for_eval(checkpoint: str | Path, overrides: Sequence[str] | None):
     if cfg.eval.split not in ("train", "valid", "test"):
         raise KarmaError(f"eval.split: expected train, valid or test, got '{cfg.eval.split}'")
     examples = data.split(cfg.eval.split)
+    if cfg.eval.id_min_count > 0:
+        model.restrict_item_ids(torch.as_tensor(target_counts(data) >= cfg.eval.id_min_count))
     return model, cfg, data, examples
 
 
@@ -461,6 +466,10 @@ def evaluate_checkpoint(
         else:  # without a query a prompt is its history alone: user j's embedding, unchanged
             other = user_emb[perm]
         protocol["other_history"] = "seeded permutation of the users' histories (seed 0)"
+    if cfg.eval.id_min_count > 0:
+        protocol["id_min_count"] = (
+            f"ID embeddings only for items a training target >= {cfg.eval.id_min_count} times"
+        )
     cold = cold_rows(data, examples, cfg.eval.cold_threshold)
     if cold is not None:
         protocol["cold_threshold"] = f"target a training target < {cfg.eval.cold_threshold} times"

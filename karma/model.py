@@ -322,6 +322,22 @@ class KarmaModel(nn.Module):
         self.history_id_emb = nn.Parameter(torch.zeros(n_items, self.hidden_size, device=device))
         self.id_known = known.to(device=device, dtype=torch.bool)
 
+    @torch.no_grad()
+    def restrict_item_ids(self, keep: torch.Tensor) -> None:
+        """Use only the ID embeddings of the items where keep (n_items,) is True: the others are
+        scored on their text alone, as items never seen in training are (eval.id_min_count)."""
+        if not self.cfg.model.item_ids:
+            raise KarmaError(
+                "eval.id_min_count: this checkpoint has no item-ID embeddings (model.item_ids "
+                "is false); set eval.id_min_count=0"
+            )
+        if keep.shape != self.id_known.shape:
+            raise KarmaError(
+                f"eval.id_min_count: the data has {keep.numel()} items, the checkpoint's ID "
+                f"table {self.id_known.numel()}"
+            )
+        self.id_known = self.id_known & keep.to(self.id_known.device, torch.bool)
+
     def _id_rows(self, table: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
         """ID embeddings of item_ids (any shape, -1 = none): zero for unknown items, and dropped
         with probability model.id_dropout in training so the text path keeps learning."""

@@ -68,6 +68,38 @@ def test_id_dropout_never_touches_cold_items_and_is_off_in_eval(tmp_path):
 
 
 @torch.no_grad()
+def test_restricted_item_ids_leave_rare_items_their_text_alone(tmp_path):
+    """eval.id_min_count: an item whose ID row is dropped is scored exactly as a never-seen one,
+    on its text; the others keep their IDs."""
+    from karma.errors import KarmaError
+    from karma.inference import encode_catalog
+
+    torch.manual_seed(0)
+    model = build_model(_cfg(tmp_path)).eval()
+    texts = [f"item number {i} | Drama" for i in range(4)]
+    model.init_item_ids(4, torch.tensor([True, True, True, False]))
+    model.item_id_emb.normal_()
+    full = encode_catalog(model, texts, progress=False, item_ids=list(range(4)))
+    model.restrict_item_ids(torch.tensor([True, False, True, True]))
+    assert model.id_known.tolist() == [True, False, True, False]  # never-seen stays text-only
+    kept = encode_catalog(model, texts, progress=False, item_ids=list(range(4)))
+    torch.testing.assert_close(kept.item_emb[[0, 2]], full.item_emb[[0, 2]])
+    text_only = model.item_embedding(kept.item_hidden[[1, 3]])
+    torch.testing.assert_close(kept.item_emb[[1, 3]], text_only)
+    assert not torch.allclose(kept.item_emb[1], full.item_emb[1], atol=1e-3)
+    with pytest.raises(KarmaError, match="5 items"):
+        model.restrict_item_ids(torch.ones(5, dtype=torch.bool))
+
+
+def test_no_id_model_refuses_eval_id_min_count(tmp_path):
+    from karma.errors import KarmaError
+
+    model = build_model(_cfg(tmp_path, "model.item_ids=false"))
+    with pytest.raises(KarmaError, match="eval.id_min_count"):
+        model.restrict_item_ids(torch.ones(4, dtype=torch.bool))
+
+
+@torch.no_grad()
 def test_a_part_of_the_catalog_keeps_its_item_ids_and_decoded_text_has_none(tmp_path):
     """encode_catalog(item_ids=): a probe's local catalog gets its items' ID embeddings, in e_i
     and in the users' history residual, and text that is no item (-1) gets none."""
@@ -126,6 +158,16 @@ def test_sequence_objective_trains_and_its_readout_is_the_inference_path(tmp_pat
     full = encode_users(model, histories, [""] * 3, catalog, data.items.texts)
     # the cached lower layers + top layers equal the whole LLM on the same prompt
     assert torch.nn.functional.cosine_similarity(cached, full, dim=-1).min() > 0.999
+    # eval.id_min_count keeps the ID rows of the items a training target often enough only
+    from karma.evaluate import _load_for_eval, evaluate_checkpoint, target_counts
+
+    counts = torch.as_tensor(target_counts(data))
+    for n in (2, 100000):
+        restricted = _load_for_eval(run / "checkpoints" / "last", [f"eval.id_min_count={n}"])[0]
+        assert restricted.id_known.tolist() == (model.id_known & (counts >= n)).tolist()
+    assert model.id_known.any() and (counts >= 2).any()  # the check above is not vacuous
+    results = evaluate_checkpoint(run / "checkpoints" / "last", ["eval.id_min_count=100000"])
+    assert "100000" in results["protocol"]["id_min_count"]
 
 
 def test_the_plain_decoder_with_injected_ids_equals_run_decoder(tmp_path):
