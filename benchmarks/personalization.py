@@ -206,6 +206,13 @@ def rows() -> list[dict]:
     for seed in SEEDS:
         out.append(_reevaluated(by_id[f"long-all/ml-100k/seed{seed}"],
                                 f"cold20/long-all/ml-100k/seed{seed}", "-cold20", cold20))
+    # ... and the long recipe with 8 trained layers, also scoring the items a training target
+    # fewer than 20 times on their text alone (eval.id_min_count=20: their ID rows saw too few
+    # clicks to beat the text, or the ID model's cold figures say so)
+    f22 = by_id["long-all-f22/ml-100k/seed0"]
+    out.append(_reevaluated(f22, "cold20/long-all-f22/ml-100k/seed0", "-cold20", cold20))
+    out.append(_reevaluated(f22, "cold20-text20/long-all-f22/ml-100k/seed0", "-cold20-text20",
+                            [*cold20, "eval.id_min_count=20"]))
     out.append(_baseline("cold20/popularity/ml-100k", "popularity", "ml-100k", 0, "none", cold20))
     for seed in SEEDS:
         out.append(_baseline(f"cold20/sasrec/ml-100k/seed{seed}", "sasrec", "ml-100k", seed,
@@ -360,7 +367,9 @@ def write_report(results: list[dict], out: Path) -> None:
               "50, also on ML-1M as `demo/ml-1m/*`; genre queries: 150 steps x 16 users, each "
               "with four search examples, history 20); `cold20/*` evaluate the cold subset with "
               "eval.cold_threshold=20 (long-all's checkpoints again, the baselines retrained with "
-              "the same seeds); the `search-*` rows are one change from the genre recipe before "
+              "the same seeds), `cold20-text20` the same with eval.id_min_count=20 (items a "
+              "training target fewer than 20 times scored on their text alone); "
+              "the `search-*` rows are one change from the genre recipe before "
               "that, with one search example per user (the demo/genre rows' records before the "
               "switch are in git history): `search-h50` is that recipe with history 50 and 200 "
               "steps (`-400`: 400); "
@@ -370,7 +379,8 @@ def write_report(results: list[dict], out: Path) -> None:
               "`search-k4` with train.search_examples=4 (4 search examples per user and step); "
               "`*/genre-filter` rank only the items of the query's genres (eval.query_filter); "
               "`demo-f22` the no-query demo with model.freeze_layers=22 (LoRA on the top 8 "
-              "layers, not 4); `long/*` the long recipes (checkpoints/best; on ML-100K as "
+              "layers, not 4), `long-all-f22` the long recipe with it; `long/*` the long "
+              "recipes (checkpoints/best; on ML-100K as "
               "configured before session 21, each user's newest 51 training items), `long-all` "
               "ML-100K's long config since then, train.sequence_windows=all (every training "
               "transition), `long-search` "
