@@ -56,7 +56,7 @@ ROOT = Path("runs/personalization")
 ABLATION_STEPS = 100
 SEEDS = (0, 1, 2)
 # recipes trained past their best validation point: their rows test checkpoints/best
-LONG_RECIPES = ("long", "long-all", "long-all-f22", "long-search")
+LONG_RECIPES = ("long", "long-all", "long-all-f22", "long-all-f18", "long-search")
 DATA = {
     "ml-100k": ("configs/ml100k.yaml", "runs/data/ml-100k"),
     "ml-1m": ("configs/ml1m.yaml", "runs/data/ml-1m"),
@@ -164,11 +164,13 @@ def rows() -> list[dict]:
                 out.append(_llm(f"long-all/ml-100k/seed{seed}", "long-all", "karma", "none",
                                 dataset, seed, [f"train.seed={seed}", "train.sequence_windows=all"],
                                 config=long_cfg))
-            # the same with LoRA on the top 8 layers, not 4 (demo-f22 gained 0.015 HR@10 at the
-            # demo budget): is trainable depth what the long recipe lacks against SASRec?
-            out.append(_llm("long-all-f22/ml-100k/seed0", "long-all-f22", "karma", "none",
-                            dataset, 0, ["train.seed=0", "train.sequence_windows=all",
-                                         "model.freeze_layers=22"], config=long_cfg))
+            # the same with LoRA on the top 8 or 12 layers, not 4 (demo-f22 gained 0.015 HR@10
+            # at the demo budget): is trainable depth what the long recipe lacks against SASRec?
+            for frozen in (22, 18):
+                out.append(_llm(f"long-all-f{frozen}/ml-100k/seed0", f"long-all-f{frozen}",
+                                "karma", "none", dataset, 0,
+                                ["train.seed=0", "train.sequence_windows=all",
+                                 f"model.freeze_layers={frozen}"], config=long_cfg))
         if dataset == "ml-100k":  # the search setting trained as long (one seed so far)
             long_search = _llm("long-search/ml-100k/seed0", "long-search", "karma", "genre",
                                dataset, 0, ["train.seed=0"],
@@ -379,7 +381,8 @@ def write_report(results: list[dict], out: Path) -> None:
               "`search-k4` with train.search_examples=4 (4 search examples per user and step); "
               "`*/genre-filter` rank only the items of the query's genres (eval.query_filter); "
               "`demo-f22` the no-query demo with model.freeze_layers=22 (LoRA on the top 8 "
-              "layers, not 4), `long-all-f22` the long recipe with it; `long/*` the long "
+              "layers, not 4), `long-all-f22` / `-f18` the long recipe with the top 8 / 12 layers "
+              "trained; `long/*` the long "
               "recipes (checkpoints/best; on ML-100K as "
               "configured before session 21, each user's newest 51 training items), `long-all` "
               "ML-100K's long config since then, train.sequence_windows=all (every training "
