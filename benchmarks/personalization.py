@@ -156,14 +156,15 @@ def rows() -> list[dict]:
         for seed in SEEDS:
             # ML-100K's were measured before sequence_windows=all entered its config (rows
             # long-all/*): the newest window only
-            newest = ["train.sequence_windows=last"] if dataset == "ml-100k" else []
+            newest = (["train.sequence_windows=last", "model.freeze_layers=26"]
+                      if dataset == "ml-100k" else [])
             out.append(_llm(f"long/{dataset}/seed{seed}", "long", "karma", "none", dataset, seed,
                             [f"train.seed={seed}", *newest], config=long_cfg))
         if dataset == "ml-100k":  # every training transition, not each user's newest 51 items
             for seed in SEEDS:
                 out.append(_llm(f"long-all/ml-100k/seed{seed}", "long-all", "karma", "none",
-                                dataset, seed, [f"train.seed={seed}", "train.sequence_windows=all"],
-                                config=long_cfg))
+                                dataset, seed, [f"train.seed={seed}", "train.sequence_windows=all",
+                                                "model.freeze_layers=26"], config=long_cfg))
             # the same with LoRA on the top 8 or 12 layers, not 4 (demo-f22 gained 0.015 HR@10
             # at the demo budget): is trainable depth what the long recipe lacks against SASRec?
             for frozen, seeds in ((22, SEEDS), (18, (0,))):
