@@ -211,8 +211,8 @@ def rows() -> list[dict]:
         out.append(_reevaluated(by_id[f"long-all/ml-100k/seed{seed}"],
                                 f"cold20/long-all/ml-100k/seed{seed}", "-cold20", cold20))
     # ... and the long recipe with 8 trained layers, also scoring the items a training target
-    # fewer than 20 times on their text alone (eval.id_min_count=20: their ID rows saw too few
-    # clicks to beat the text, or the ID model's cold figures say so)
+    # fewer than 20 times on their text alone (eval.id_min_count=20): are their thin ID rows or
+    # the text what fails on the cold subset?
     for seed in SEEDS:
         f22 = by_id[f"long-all-f22/ml-100k/seed{seed}"]
         out.append(_reevaluated(f22, f"cold20/long-all-f22/ml-100k/seed{seed}", "-cold20",
@@ -389,8 +389,9 @@ def write_report(results: list[dict], out: Path) -> None:
               "trained; `long/*` the long "
               "recipes (checkpoints/best; on ML-100K as "
               "configured before session 21, each user's newest 51 training items), `long-all` "
-              "ML-100K's long config since then, train.sequence_windows=all (every training "
-              "transition), `long-search` "
+              "ML-100K's long config of sessions 21-24, train.sequence_windows=all (every "
+              "training transition, 4 trained layers; `long-all-f22` is the config since), "
+              "`long-search` "
               "the search setting as long (history 50, 1,000 steps); `sasrec-h50` SASRec "
               "reading the last 50 "
               "items (the LLM recipes' history) instead of 200, `sasrec-last50` the same "
