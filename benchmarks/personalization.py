@@ -364,7 +364,7 @@ def write_report(results: list[dict], out: Path) -> None:
         for k, rs in seeded.items():
             cold = (f"; cold ({rs[0]['cold_users']} users) HR@10 {spread(rs, 'cold_hr10')}, "
                     f"HR@50 {spread(rs, 'cold_hr50')}, HR@200 {spread(rs, 'cold_hr200')}"
-                    if k.startswith("cold20/") else "")
+                    if k.startswith("cold20") else "")
             lines.append(f"- {k}: {spread(rs, 'test_hr10')} ({len(rs)} seeds){cold}")
     lines += ["", "Rows: `ablation/*` share one budget (100 steps x 16, action_only, no query, "
               "seed 0; a sequence-objective batch is 16 users with a readout at every history "
