@@ -38,6 +38,7 @@ from karma.config import Config, ConfigError
 from karma.errors import KarmaError
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LORA_MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]  # model.lora_mlp
 
 
 def cache_keyword(module: nn.Module) -> str:
@@ -91,6 +92,10 @@ class KarmaModel(nn.Module):
             )
         if mcfg.rec_tokens < 1:
             raise ConfigError("config key 'model.rec_tokens': must be >= 1")
+        if mcfg.lora_mlp and not mcfg.lora:
+            raise ConfigError(
+                "config key 'model.lora_mlp': adds LoRA targets, so it needs model.lora=true"
+            )
         if not mcfg.train_item_tower and not mcfg.lora:
             raise ConfigError(
                 "config key 'model.train_item_tower': false runs the item tower with the LoRA "
@@ -180,7 +185,7 @@ class KarmaModel(nn.Module):
                 r=mcfg.lora_r,
                 lora_alpha=mcfg.lora_alpha,
                 lora_dropout=mcfg.lora_dropout,
-                target_modules=LORA_TARGETS,
+                target_modules=LORA_TARGETS + (LORA_MLP_TARGETS if mcfg.lora_mlp else []),
                 bias="none",
                 layers_to_transform=list(range(n_freeze, len(layers))) if n_freeze else None,
             )

@@ -12,7 +12,7 @@ import torch
 
 from karma.batching import BatchBuilder
 from karma.checkpoint import load_checkpoint, load_model, load_weights, save_checkpoint
-from karma.config import Config
+from karma.config import Config, ConfigError
 from karma.errors import KarmaError
 from karma.inference import build_user_inputs, encode_catalog, encode_users, refresh_history_cache
 from karma.model import KarmaModel, build_model
@@ -240,6 +240,27 @@ def test_freeze_layers_and_lora():
     assert len(grouped) == len(trainable) == len({id(p) for p in grouped})
     heads = {g["name"]: g for g in param_groups(objective, 1e-4, 1e-3, 0.01)}
     assert heads["heads"]["lr"] == 1e-3 and heads["heads_no_decay"]["weight_decay"] == 0.0
+
+
+def test_lora_mlp_adds_mlp_adapters_in_trained_layers_only():
+    attn = _build(_cfg(lora=True, lora_r=4, freeze_layers=1))
+    both = _build(_cfg(lora=True, lora_r=4, freeze_layers=1, lora_mlp=True))
+
+    def adapted(model):
+        return {n.split(".lora_")[0] for n, p in model.backbone.named_parameters()
+                if p.requires_grad and ".lora_" in n}
+
+    mlp = {m for m in adapted(both) if m.endswith(("gate_proj", "up_proj", "down_proj"))}
+    assert not any(m.endswith(("gate_proj", "up_proj", "down_proj")) for m in adapted(attn))
+    assert mlp and not any("layers.0." in m for m in mlp)
+    assert adapted(attn) == adapted(both) - mlp
+    batch = BatchBuilder(both.tokenizer, ITEMS, both.cfg)(EXAMPLES, ROWS)
+    _objective(both)(batch)["loss"].backward()
+    grads = [p.grad for n, p in both.backbone.named_parameters()
+             if "down_proj.lora_B" in n and p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    with pytest.raises(ConfigError, match="model.lora_mlp"):
+        _build(_cfg(lora_mlp=True))
 
 
 def test_save_and_load_roundtrip(tmp_path):
