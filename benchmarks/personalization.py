@@ -57,7 +57,8 @@ ABLATION_STEPS = 100
 SEEDS = (0, 1, 2)
 # recipes trained past their best validation point: their rows test checkpoints/best
 LONG_RECIPES = ("long", "long-all", "long-all-f22", "long-all-f18", "long-action",
-                "long-action-2k", "long-action-mlp", "long-search")
+                "long-action-2k", "long-action-mlp", "long-action-id03", "long-action-ldrop",
+                "long-search")
 DATA = {
     "ml-100k": ("configs/ml100k.yaml", "runs/data/ml-100k"),
     "ml-1m": ("configs/ml1m.yaml", "runs/data/ml-1m"),
@@ -174,24 +175,23 @@ def rows() -> list[dict]:
                                     f"long-all-f{frozen}", "karma", "none", dataset, seed,
                                     [f"train.seed={seed}", "train.sequence_windows=all",
                                      f"model.freeze_layers={frozen}"], config=long_cfg))
-            # the same without the Knowledge regularizers (loss.preset=action_only): what do
-            # L_gen and L_rec cost or bring at the long budget, and what does the 2.5 times
-            # cheaper step buy when spent on 2,000 steps instead of 1,000?
-            for seed in SEEDS:
-                out.append(_llm(f"long-action/ml-100k/seed{seed}", "long-action", "action_only",
-                                "none", dataset, seed, [f"train.seed={seed}",
-                                                        "loss.preset=action_only"],
-                                config=long_cfg))
-            out.append(_llm("long-action-2k/ml-100k/seed0", "long-action-2k", "action_only",
-                            "none", dataset, 0, ["train.seed=0", "loss.preset=action_only",
-                                                 "train.steps=2000"], config=long_cfg))
-            # ... and with LoRA on the MLP projections too (model.lora_mlp), not attention only:
-            # is adapter capacity in the trained layers what is short?
-            for seed in SEEDS:
-                out.append(_llm(f"long-action-mlp/ml-100k/seed{seed}", "long-action-mlp",
-                                "action_only", "none", dataset, seed,
-                                [f"train.seed={seed}", "loss.preset=action_only",
-                                 "model.lora_mlp=true"], config=long_cfg))
+            # The same without the Knowledge regularizers (loss.preset=action_only, a 2.5 times
+            # cheaper step): what do L_gen and L_rec bring at the long budget? And one change
+            # each from it: 2,000 steps (does more data help?), LoRA on the MLP projections too
+            # (is adapter capacity short?), more ID dropout and LoRA dropout (validation stops
+            # rising while the training loss falls: is it memorizing?)
+            for name, extra, seeds in (
+                ("long-action", [], SEEDS),
+                ("long-action-2k", ["train.steps=2000"], (0,)),
+                ("long-action-mlp", ["model.lora_mlp=true"], SEEDS),
+                ("long-action-id03", ["model.id_dropout=0.3"], SEEDS),
+                ("long-action-ldrop", ["model.lora_dropout=0.1"], SEEDS),
+            ):
+                for seed in seeds:
+                    out.append(_llm(f"{name}/ml-100k/seed{seed}", name, "action_only", "none",
+                                    dataset, seed, [f"train.seed={seed}",
+                                                    "loss.preset=action_only", *extra],
+                                    config=long_cfg))
         if dataset == "ml-100k":  # the search setting trained as long (one seed so far)
             long_search = _llm("long-search/ml-100k/seed0", "long-search", "karma", "genre",
                                dataset, 0, ["train.seed=0"],
