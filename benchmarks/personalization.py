@@ -183,9 +183,9 @@ def rows() -> list[dict]:
             for name, extra, seeds in (
                 ("long-action", [], SEEDS),
                 ("long-action-2k", ["train.steps=2000"], (0,)),
-                ("long-action-mlp", ["model.lora_mlp=true"], SEEDS),
-                ("long-action-id03", ["model.id_dropout=0.3"], SEEDS),
-                ("long-action-ldrop", ["model.lora_dropout=0.1"], SEEDS),
+                ("long-action-mlp", ["model.lora_mlp=true"], (0,)),
+                ("long-action-id03", ["model.id_dropout=0.3"], (0,)),
+                ("long-action-ldrop", ["model.lora_dropout=0.1"], (0,)),
             ):
                 for seed in seeds:
                     out.append(_llm(f"{name}/ml-100k/seed{seed}", name, "action_only", "none",
@@ -410,6 +410,9 @@ def write_report(results: list[dict], out: Path) -> None:
               "configured before session 21, each user's newest 51 training items), `long-all` "
               "ML-100K's long config of sessions 21-24, train.sequence_windows=all (every "
               "training transition, 4 trained layers; `long-all-f22` is the config since), "
+              "`long-action` that config with loss.preset=action_only (no L_gen, no L_rec), "
+              "`long-action-2k` / `-mlp` / `-id03` / `-ldrop` one change from it: 2,000 steps, "
+              "model.lora_mlp=true, model.id_dropout=0.3, model.lora_dropout=0.1; "
               "`long-search` "
               "the search setting as long (history 50, 1,000 steps); `sasrec-h50` SASRec "
               "reading the last 50 "
