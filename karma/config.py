@@ -71,8 +71,8 @@ class ModelConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    # LoRA on the MLP's gate/up/down projections too, not only on attention's q/k/v/o: about 2.3
-    # times the adapter parameters of a layer at the same rank
+    # LoRA on the MLP's gate/up/down projections too, not only on attention's q/k/v/o: 2.65
+    # times the adapter parameters of a layer at the same rank (SmolLM2-135M's shapes)
     lora_mlp: bool = False
     freeze_layers: int = 0  # freeze embeddings and the lower N transformer layers
     # Conditioning of the item states h_i before P_h and W_e, with catalog statistics refreshed
