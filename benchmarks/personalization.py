@@ -185,7 +185,7 @@ def rows() -> list[dict]:
                 ("long-action-2k", ["train.steps=2000"], (0,)),
                 ("long-action-mlp", ["model.lora_mlp=true"], (0,)),
                 ("long-action-id03", ["model.id_dropout=0.3"], (0,)),
-                ("long-action-ldrop", ["model.lora_dropout=0.1"], (0,)),
+                ("long-action-ldrop", ["model.lora_dropout=0.1"], (0, 1)),
             ):
                 for seed in seeds:
                     out.append(_llm(f"{name}/ml-100k/seed{seed}", name, "action_only", "none",
