@@ -55,10 +55,9 @@ from karma.demo import CPU_RECIPE, SEARCH_CPU_RECIPE, SEQUENCE_CPU_RECIPE, with_
 ROOT = Path("runs/personalization")
 ABLATION_STEPS = 100
 SEEDS = (0, 1, 2)
-# recipes trained past their best validation point: their rows test checkpoints/best
-LONG_RECIPES = ("long", "long-all", "long-all-f22", "long-all-f18", "long-action",
-                "long-action-2k", "long-action-mlp", "long-action-id03", "long-action-ldrop",
-                "long-search")
+# recipes trained past their best validation point (every long* recipe): their rows test
+# checkpoints/best
+LONG_PREFIX = "long"
 DATA = {
     "ml-100k": ("configs/ml100k.yaml", "runs/data/ml-100k"),
     "ml-1m": ("configs/ml1m.yaml", "runs/data/ml-1m"),
@@ -269,7 +268,7 @@ def _checkpoint(row: dict) -> str:
     docs/decisions.md), so their rows evaluate the checkpoint selected on validation."""
     if "checkpoint" in row:  # a row evaluating another's: the one that row is tested on
         return row["checkpoint"]
-    return "best" if row["recipe"] in LONG_RECIPES else "last"
+    return "best" if row["recipe"].startswith(LONG_PREFIX) else "last"
 
 
 def commands(row: dict) -> list[list[str]]:
@@ -367,7 +366,7 @@ def write_report(results: list[dict], out: Path) -> None:
         lines.append("| " + " | ".join(row) + " |")
     groups: dict[str, list[dict]] = {}
     for r in results:
-        if r["recipe"] == "baseline" or r["recipe"].startswith("long"):  # seeded recipes
+        if r["recipe"] == "baseline" or r["recipe"].startswith(LONG_PREFIX):  # seeded recipes
             groups.setdefault(r["id"].rsplit("/seed", 1)[0], []).append(r)
     seeded = {k: v for k, v in groups.items() if len(v) > 1}
 

@@ -15,7 +15,7 @@ from karma.checkpoint import load_checkpoint, load_model, load_weights, save_che
 from karma.config import Config, ConfigError
 from karma.errors import KarmaError
 from karma.inference import build_user_inputs, encode_catalog, encode_users, refresh_history_cache
-from karma.model import KarmaModel, build_model
+from karma.model import LORA_MLP_TARGETS, KarmaModel, build_model
 from karma.objective import KarmaObjective
 from karma.optim import param_groups
 
@@ -250,8 +250,8 @@ def test_lora_mlp_adds_mlp_adapters_in_trained_layers_only():
         return {n.split(".lora_")[0] for n, p in model.backbone.named_parameters()
                 if p.requires_grad and ".lora_" in n}
 
-    mlp = {m for m in adapted(both) if m.endswith(("gate_proj", "up_proj", "down_proj"))}
-    assert not any(m.endswith(("gate_proj", "up_proj", "down_proj")) for m in adapted(attn))
+    mlp = {m for m in adapted(both) if m.endswith(tuple(LORA_MLP_TARGETS))}
+    assert not any(m.endswith(tuple(LORA_MLP_TARGETS)) for m in adapted(attn))
     assert mlp and not any("layers.0." in m for m in mlp)
     assert adapted(attn) == adapted(both) - mlp
     batch = BatchBuilder(both.tokenizer, ITEMS, both.cfg)(EXAMPLES, ROWS)
