@@ -174,17 +174,25 @@ def rows() -> list[dict]:
                                     f"long-all-f{frozen}", "karma", "none", dataset, seed,
                                     [f"train.seed={seed}", "train.sequence_windows=all",
                                      f"model.freeze_layers={frozen}"], config=long_cfg))
+            # The config with L_rec four times as strong (lambda_rec 2, not 0.5): at 0.5 its
+            # jointly trained decoder collapsed onto one title at this budget
+            # (benchmarks/results/analysis_long_ml100k_cpu): do the Knowledge regularizers need
+            # more weight before they can be judged here?
+            out.append(_llm("long-rec2/ml-100k/seed0", "long-rec2", "karma", "none", dataset, 0,
+                            ["train.seed=0", "loss.lambda_rec=2.0"], config=long_cfg))
             # The same without the Knowledge regularizers (loss.preset=action_only, a 2.5 times
             # cheaper step): what do L_gen and L_rec bring at the long budget? And one change
             # each from it: 2,000 steps (does more data help?), LoRA on the MLP projections too
             # (is adapter capacity short?), more ID dropout and LoRA dropout (validation stops
-            # rising while the training loss falls: is it memorizing?)
+            # rising while the training loss falls: is it memorizing?), one ID table for targets
+            # and history (model.tie_item_ids, as SASRec ties its item embeddings)
             for name, extra, seeds in (
                 ("long-action", [], SEEDS),
                 ("long-action-2k", ["train.steps=2000"], (0,)),
                 ("long-action-mlp", ["model.lora_mlp=true"], (0,)),
                 ("long-action-id03", ["model.id_dropout=0.3"], (0,)),
                 ("long-action-ldrop", ["model.lora_dropout=0.1"], (0, 1)),
+                ("long-action-tie", ["model.tie_item_ids=true"], (0,)),
             ):
                 for seed in seeds:
                     out.append(_llm(f"{name}/ml-100k/seed{seed}", name, "action_only", "none",
@@ -410,8 +418,9 @@ def write_report(results: list[dict], out: Path) -> None:
               "ML-100K's long config of sessions 21-24, train.sequence_windows=all (every "
               "training transition, 4 trained layers; `long-all-f22` is the config since), "
               "`long-action` that config with loss.preset=action_only (no L_gen, no L_rec), "
-              "`long-action-2k` / `-mlp` / `-id03` / `-ldrop` one change from it: 2,000 steps, "
-              "model.lora_mlp=true, model.id_dropout=0.3, model.lora_dropout=0.1; "
+              "`long-action-2k` / `-mlp` / `-id03` / `-ldrop` / `-tie` one change from it: "
+              "2,000 steps, model.lora_mlp=true, model.id_dropout=0.3, model.lora_dropout=0.1, "
+              "model.tie_item_ids=true; `long-rec2` the config with loss.lambda_rec=2; "
               "`long-search` "
               "the search setting as long (history 50, 1,000 steps); `sasrec-h50` SASRec "
               "reading the last 50 "

@@ -83,6 +83,10 @@ class ModelConfig:
     # seen in training (text-only fallback)
     item_ids: bool = False
     id_dropout: float = 0.0
+    # model.item_ids: one ID table, not two. A history token's ID part is a learned k -> d map of
+    # the item's own output ID row (SASRec ties its input and output item embeddings), so a rare
+    # item's row also learns from its clicks as history, not only as a target
+    tie_item_ids: bool = False
     # Where u is read: emb (the <EMB> token) | history (a query-less prompt ends at its last
     # history token and u is read there, as every position is read in train.objective=sequence)
     readout: str = "emb"

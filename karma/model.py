@@ -96,6 +96,11 @@ class KarmaModel(nn.Module):
             raise ConfigError(
                 "config key 'model.lora_mlp': adds LoRA targets, so it needs model.lora=true"
             )
+        if mcfg.tie_item_ids and not mcfg.item_ids:
+            raise ConfigError(
+                "config key 'model.tie_item_ids': ties the item-ID embeddings, so it needs "
+                "model.item_ids=true"
+            )
         if not mcfg.train_item_tower and not mcfg.lora:
             raise ConfigError(
                 "config key 'model.train_item_tower': false runs the item tower with the LoRA "
@@ -155,7 +160,11 @@ class KarmaModel(nn.Module):
         if mcfg.item_ids:
             # Sized by init_item_ids (training) or by the checkpoint (loading).
             self.item_id_emb = nn.Parameter(torch.zeros(0, k))  # added to W_e h_i
-            self.history_id_emb = nn.Parameter(torch.zeros(0, d))  # added to history tokens
+            if mcfg.tie_item_ids:
+                # history tokens get id_to_history(item_id_emb[i]): (k,) -> (d,)
+                self.id_to_history = nn.Linear(k, d, bias=False)
+            else:
+                self.history_id_emb = nn.Parameter(torch.zeros(0, d))  # added to history tokens
             self.register_buffer("id_known", torch.zeros(0, dtype=torch.bool))
         self.register_load_state_dict_pre_hook(_resize_catalog_tensors)
 
@@ -324,7 +333,9 @@ class KarmaModel(nn.Module):
             return
         device = self.special_embeds.device
         self.item_id_emb = nn.Parameter(torch.zeros(n_items, self.cfg.model.emb_dim, device=device))
-        self.history_id_emb = nn.Parameter(torch.zeros(n_items, self.hidden_size, device=device))
+        if not self.cfg.model.tie_item_ids:
+            d = self.hidden_size
+            self.history_id_emb = nn.Parameter(torch.zeros(n_items, d, device=device))
         self.id_known = known.to(device=device, dtype=torch.bool)
 
     @torch.no_grad()
@@ -388,7 +399,9 @@ class KarmaModel(nn.Module):
         history_ids is -1. (B, T) -> (B, T, d)"""
         mcfg = self.cfg.model
         out = history_ids.new_zeros((*history_ids.shape, self.hidden_size), dtype=torch.float32)
-        if mcfg.item_ids:
+        if mcfg.tie_item_ids:
+            out = out + self.id_to_history(self._id_rows(self.item_id_emb, history_ids))
+        elif mcfg.item_ids:
             out = out + self._id_rows(self.history_id_emb, history_ids)
         if mcfg.image_late:
             valid = (history_ids >= 0).unsqueeze(-1)  # the map's bias stays off non-items

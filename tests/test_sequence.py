@@ -67,6 +67,31 @@ def test_id_dropout_never_touches_cold_items_and_is_off_in_eval(tmp_path):
     assert rows[cold].abs().sum() == 0 and bool((rows[~cold] == 1).all())
 
 
+def test_tied_item_ids_read_one_table_for_targets_and_history(tmp_path):
+    """model.tie_item_ids: a history token's ID part is id_to_history of the item's output ID
+    row, so its clicks as history train that row; unknown items and padding still get none."""
+    from karma.config import ConfigError
+
+    torch.manual_seed(0)
+    model = build_model(_cfg(tmp_path, "model.tie_item_ids=true")).eval()
+    model.init_item_ids(4, torch.tensor([True, True, True, False]))
+    with torch.no_grad():
+        model.item_id_emb.normal_()
+    assert not hasattr(model, "history_id_emb")
+    residual = model.history_residual(torch.tensor([[0, 2, 3, -1]]))  # (1, 4, d)
+    expected = model.id_to_history(model.item_id_emb[[0, 2]])
+    torch.testing.assert_close(residual[0, :2], expected)
+    assert residual[0, 2:].abs().sum() == 0  # never seen in training, and padding
+    residual.pow(2).sum().backward()
+    grad = model.item_id_emb.grad.abs().sum(-1)
+    assert grad[0] > 0 and grad[2] > 0 and grad[1] == 0 and grad[3] == 0
+    copy = build_model(_cfg(tmp_path, "model.tie_item_ids=true")).eval()
+    copy.load_state_dict(model.state_dict())
+    torch.testing.assert_close(copy.history_residual(torch.tensor([[0, 2]])), residual[:, :2])
+    with pytest.raises(ConfigError, match="model.tie_item_ids"):
+        build_model(_cfg(tmp_path, "model.item_ids=false", "model.tie_item_ids=true"))
+
+
 @torch.no_grad()
 def test_restricted_item_ids_leave_rare_items_their_text_alone(tmp_path):
     """eval.id_min_count: an item whose ID row is dropped is scored exactly as a never-seen one,
