@@ -199,6 +199,10 @@ def rows() -> list[dict]:
                                     dataset, seed, [f"train.seed={seed}",
                                                     "loss.preset=action_only", *extra],
                                     config=long_cfg))
+            # long-action seed 0 again on the later machine of the sasrec-rerun rows
+            out.append(_llm("long-action-rerun/ml-100k/seed0", "long-action-rerun", "action_only",
+                            "none", dataset, 0, ["train.seed=0", "loss.preset=action_only"],
+                            config=long_cfg))
         if dataset == "ml-100k":  # the search setting trained as long (one seed so far)
             long_search = _llm("long-search/ml-100k/seed0", "long-search", "karma", "genre",
                                dataset, 0, ["train.seed=0"],
@@ -213,6 +217,12 @@ def rows() -> list[dict]:
                 out.append(_baseline(f"sasrec-h50/{dataset}/seed{seed}", "sasrec", dataset, seed,
                                      "none", [f"train.seed={seed}", "train.num_threads=1",
                                               "baseline.sasrec.max_len=50"]))
+            # The same seeds again on a later machine: its 'AMD EPYC' runs AVX2 kernels and
+            # gave seed 0 test HR@10 0.1601 where the rows above recorded 0.1803 (how much of
+            # the bar is the machine?)
+            for seed in SEEDS:
+                out.append(_baseline(f"sasrec-rerun/{dataset}/seed{seed}", "sasrec", dataset,
+                                     seed, "none", [f"train.seed={seed}", "train.num_threads=1"]))
             # ... and trained on what the LLM recipe trains on: each user's newest 51 items
             for seed in SEEDS:
                 out.append(_baseline(f"sasrec-last50/{dataset}/seed{seed}", "sasrec", dataset,
@@ -307,6 +317,19 @@ def _last_val(log: Path) -> dict:
     return out
 
 
+def machine() -> str:
+    """The device that ran a row, and on a CPU the vector kernels torch dispatches to: the same
+    seeded SASRec gave 0.1803 and 0.1601 test HR@10 on two 'AMD EPYC' machines."""
+    import torch
+
+    from karma.report import device_name
+
+    name = device_name()
+    if torch.cuda.is_available():
+        return name
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()} kernels"
+
+
 def collect(row: dict, wall: float) -> dict:
     run = ROOT / row["id"]
     metrics = run / "metrics.json" if row["recipe"] == "baseline" else run / "eval" / "metrics.json"
@@ -324,6 +347,7 @@ def collect(row: dict, wall: float) -> dict:
         "history_token_cos": (res.get("geometry") or {}).get("history_token_cos"),
         "item_emb_cos": (res.get("geometry") or {}).get("item_emb_cos"),
         "wall_s": round(wall, 1), "commands": [" ".join(c[2:]) for c in commands(row)],
+        "machine": machine(),
     })
     if row["recipe"] != "baseline":
         out.update(_last_val(ROOT / row.get("checkpoint_of", row["id"]) / "log.jsonl"))
@@ -353,14 +377,13 @@ def _fmt(v, digits=4) -> str:
 
 
 def write_report(results: list[dict], out: Path) -> None:
-    from karma.report import device_name
-
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     cols = ["id", "final_act_loss", "val_hr10", "val_ndcg10", "test_hr10", "test_ndcg10",
             "test_hr10_other_history", "cold_hr10", "cold_users", "history_token_cos",
             "item_emb_cos", "wall_s", "default"]
     lines = ["# Personalization: does the user tower read the history?", "",
-             f"Machine: {device_name()}. Written by `benchmarks/personalization.py` from the rows "
+             "Machines: listed below the tables (each row's `machine` in the JSON). Written by "
+             "`benchmarks/personalization.py` from the rows "
              "finished so far; each row's commands are in the JSON beside this file. Test = "
              "full-catalog leave-one-out, seen items masked, pessimistic ties; 'other history' = "
              "each test user scored with another user's history (seeded permutation).", "",
@@ -421,6 +444,8 @@ def write_report(results: list[dict], out: Path) -> None:
               "`long-action-2k` / `-mlp` / `-id03` / `-ldrop` / `-tie` one change from it: "
               "2,000 steps, model.lora_mlp=true, model.id_dropout=0.3, model.lora_dropout=0.1, "
               "model.tie_item_ids=true; `long-rec2` the config with loss.lambda_rec=2; "
+              "`sasrec-rerun` the `sasrec` rows rerun with the same seeds on a later machine, "
+              "`long-action-rerun` long-action's seed 0 on that machine; "
               "`long-search` "
               "the search setting as long (history 50, 1,000 steps); `sasrec-h50` SASRec "
               "reading the last 50 "
@@ -431,6 +456,14 @@ def write_report(results: list[dict], out: Path) -> None:
               "16 prompts, history 10); `default` marks the chosen recipes. Wall seconds are "
               "training plus evaluation on a CPU shared with other jobs: upper bounds.", ""]
     lines += [f"- {r['id']}: {r['note']}" for r in results if r.get("note")]
+    by_machine: dict[str, list[str]] = {}
+    for r in results:
+        by_machine.setdefault(r.get("machine") or "", []).append(r["id"])
+    lines += ["", "Machines:", ""]
+    for name, ids in by_machine.items():
+        lines.append(f"- {name}: {', '.join(ids)}" if name else
+                     f"- {len(ids)} rows recorded before rows named their machine: AMD EPYC, "
+                     "2 cores (CPU), vector kernels not recorded")
     lines += ["",
               f"![own vs other history]({out.name}.png)", ""]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
