@@ -201,6 +201,13 @@ def rows() -> list[dict]:
                                     dataset, seed, [f"train.seed={seed}",
                                                     "loss.preset=action_only", *extra],
                                     config=long_cfg))
+            # The config with one ID table (karma, L_gen and L_rec kept): does KARMA keep what
+            # the table gave action_only (long-action-tie)? One thread a seed, seeds run side
+            # by side on the 2-core CPU
+            for seed in SEEDS:
+                out.append(_llm(f"long-tie/ml-100k/seed{seed}", "long-tie", "karma", "none",
+                                dataset, seed, [f"train.seed={seed}", "model.tie_item_ids=true",
+                                                "train.num_threads=1"], config=long_cfg))
             # long-action seed 0 again on the later machine of the sasrec-rerun rows
             out.append(_llm("long-action-rerun/ml-100k/seed0", "long-action-rerun", "action_only",
                             "none", dataset, 0, ["train.seed=0", "loss.preset=action_only"],
@@ -262,6 +269,9 @@ def rows() -> list[dict]:
     for seed in SEEDS:
         out.append(_reevaluated(by_id[f"long-action-tie/ml-100k/seed{seed}"],
                                 f"cold20/long-action-tie/ml-100k/seed{seed}", "-cold20", cold20))
+    for seed in SEEDS:
+        out.append(_reevaluated(by_id[f"long-tie/ml-100k/seed{seed}"],
+                                f"cold20/long-tie/ml-100k/seed{seed}", "-cold20", cold20))
     out.append(_baseline("cold20/popularity/ml-100k", "popularity", "ml-100k", 0, "none", cold20))
     # SASRec again on the machine of the sasrec-rerun rows (its kernels move SASRec's figures)
     for name in ("sasrec", "sasrec-rerun"):
@@ -315,14 +325,22 @@ def commands(row: dict) -> list[list[str]]:
     return [train, evaluate]
 
 
-def _last_val(log: Path) -> dict:
-    out = {}
-    for line in log.read_text().splitlines():
+def _train_figures(row: dict) -> dict:
+    """The final training action loss and the validation figures of the checkpoint the row is
+    tested on: the last validation for checkpoints/last, the best one (the step train.py saved
+    checkpoints/best at, from train_summary.json) for checkpoints/best."""
+    run = ROOT / row.get("checkpoint_of", row["id"])
+    out = {"val_step": None}
+    for line in (run / "log.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "act_loss" in rec:
             out["final_act_loss"] = rec["act_loss"]
         if "val/hr@10" in rec:
             out["val_hr10"], out["val_ndcg10"] = rec["val/hr@10"], rec["val/ndcg@10"]
+            out["val_step"] = rec["step"]
+    if _checkpoint(row) == "best":
+        best = json.loads((run / "train_summary.json").read_text())["best_val"]
+        out.update(val_hr10=best["hr@10"], val_ndcg10=best["ndcg@10"], val_step=best["step"])
     return out
 
 
@@ -359,7 +377,7 @@ def collect(row: dict, wall: float) -> dict:
         "machine": machine(),
     })
     if row["recipe"] != "baseline":
-        out.update(_last_val(ROOT / row.get("checkpoint_of", row["id"]) / "log.jsonl"))
+        out.update(_train_figures(row))
     return out
 
 
@@ -387,7 +405,8 @@ def _fmt(v, digits=4) -> str:
 
 def write_report(results: list[dict], out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    cols = ["id", "final_act_loss", "val_hr10", "val_ndcg10", "test_hr10", "test_ndcg10",
+    cols = ["id", "final_act_loss", "val_hr10", "val_ndcg10", "val_step", "test_hr10",
+            "test_ndcg10",
             "test_hr10_other_history", "cold_hr10", "cold_users", "history_token_cos",
             "item_emb_cos", "wall_s", "default"]
     lines = ["# Personalization: does the user tower read the history?", "",
@@ -395,7 +414,10 @@ def write_report(results: list[dict], out: Path) -> None:
              "`benchmarks/personalization.py` from the rows "
              "finished so far; each row's commands are in the JSON beside this file. Test = "
              "full-catalog leave-one-out, seen items masked, pessimistic ties; 'other history' = "
-             "each test user scored with another user's history (seeded permutation).", "",
+             "each test user scored with another user's history (seeded permutation). "
+             "val_hr10 / val_ndcg10 are the validation of the tested checkpoint, taken at step "
+             "val_step (checkpoints/best for the long recipes); rows without a val_step were "
+             "recorded before that column and show the run's last validation.", "",
              "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in results:
         other = r.get("test_hr10_other_history")
@@ -453,6 +475,8 @@ def write_report(results: list[dict], out: Path) -> None:
               "`long-action-2k` / `-mlp` / `-id03` / `-ldrop` / `-tie` one change from it: "
               "2,000 steps, model.lora_mlp=true, model.id_dropout=0.3, model.lora_dropout=0.1, "
               "model.tie_item_ids=true; `long-rec2` the config with loss.lambda_rec=2; "
+              "`long-tie` the config (karma) with model.tie_item_ids=true, its seeds run side "
+              "by side with one thread each; "
               "`sasrec-rerun` the `sasrec` rows rerun with the same seeds on a later machine, "
               "`long-action-rerun` long-action's seed 0 on that machine; "
               "`long-search` "
@@ -530,8 +554,11 @@ def main() -> None:
         for r in selected:
             done = ROOT / r["id"] / "row.json"
             if done.exists():
-                wall = json.loads(done.read_text())["wall_s"]
-                done.write_text(json.dumps(collect(r, wall), indent=2))
+                before = json.loads(done.read_text())
+                # the figures read again here; wall time and machine stay the run's own
+                again = collect(r, before["wall_s"])
+                again["machine"] = before.get("machine")
+                done.write_text(json.dumps(again, indent=2))
     # A row finished on another machine (runs/ is not committed) keeps its published record.
     out_json = Path(args.out).with_suffix(".json")
     published = ({r["id"]: r for r in json.loads(out_json.read_text())}
