@@ -157,6 +157,29 @@ def test_decode_round_trips_on_karma_model_overfit_to_items(tiny_data: Path):
     decoded = decode_from_embedding(model, user_emb, max_new_tokens=24)
     assert decoded == texts
     assert F.text_metrics(decoded, texts)["exact_match"] == 1.0
+    # teacher-forced: each text is far likelier under its own u than under another's
+    own = F.reconstruction_nll(model, user_emb, texts)
+    other = F.reconstruction_nll(model, user_emb[[1, 2, 0]], texts)
+    assert bool((own + 0.5 < other).all())
+
+
+def test_reconstruction_nll_matches_l_rec_and_ignores_batching(tiny_data: Path):
+    """Per-example teacher-forced L_rec: token-weighted, its mean is L_rec of the whole batch,
+    and padding (texts of other lengths in the batch) changes nothing."""
+    model, _ = tiny_model(tiny_data)
+    model.eval()
+    texts = ["Heat (1995) | Action, Crime", "Babe", "Toy Story (1995) | Animation, Comedy", "Fargo"]
+    user_emb = torch.nn.functional.normalize(torch.randn(4, model.cfg.model.emb_dim), dim=-1)
+    whole = F.reconstruction_nll(model, user_emb, texts, batch_size=4)
+    single = F.reconstruction_nll(model, user_emb, texts, batch_size=1)
+    assert whole.shape == (4,) and torch.allclose(whole, single, atol=1e-4)
+    n_tokens = torch.tensor(
+        [float((torch.tensor(model.prompt.rec(model.prompt.target(t))[1]) != -100).sum())
+         for t in texts]
+    )
+    with torch.no_grad():
+        batch_loss = F.reconstruction_loss(model, user_emb, texts)
+    assert torch.allclose((whole * n_tokens).sum() / n_tokens.sum(), batch_loss, atol=1e-4)
 
 
 def test_fit_reconstruction_head_trains_only_r_and_restores_flags(tiny_data: Path):
@@ -256,6 +279,8 @@ def test_analyze_end_to_end_compares_two_checkpoints(tiny_data: Path, tmp_path: 
         assert r["probe_users"] == 5 and len(r["layers"]["entropy"]) == 2
         assert 0 <= r["fidelity"]["token_f1"] <= 1
         assert 1 <= r["fidelity"]["text_query_rank_median"] <= len(TITLES)
+        assert r["fidelity"]["rec_nll"] > 0 and r["fidelity"]["rec_nll_other"] > 0
+        assert 0 <= r["fidelity"]["rec_nll_own_wins"] <= 1
         assert len(r["maps"]["history_scores"]) == 2
     # the same overrides as `karma eval`: the trained model and loss are fixed by the weights
     with pytest.raises(KarmaError, match="'model.emb_dim' is fixed"):

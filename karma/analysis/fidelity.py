@@ -139,10 +139,11 @@ def rank_metrics(
     return out
 
 
-def reconstruction_loss(
+def _reconstruction_states(
     model: torch.nn.Module, user_emb: torch.Tensor, target_texts: Sequence[str]
-) -> torch.Tensor:
-    """L_rec exactly as in training: `[R(u)] {target text}<eos>`, cross-entropy on the text."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[R(u)] {target text}<eos>` through the decoder: last hidden states `(B, T, d)` and the
+    labels `(B, T)` (-100 off the text), as L_rec sees them in training."""
     from karma.batching import pad_sequences
 
     m = model.cfg.model.rec_tokens
@@ -153,7 +154,42 @@ def reconstruction_loss(
     prefix = model.reconstruction_prefix(user_emb.to(model.device))  # (B, m, d)
     text_emb = model.embed_tokens(ids[:, m:])  # (B, T - m, d)
     hidden = model.run_decoder(torch.cat([prefix.to(text_emb.dtype), text_emb], dim=1), mask)
-    return TokenCrossEntropy()(hidden, label_ids, model.base_lm.get_output_embeddings())
+    return hidden, label_ids
+
+
+def reconstruction_loss(
+    model: torch.nn.Module, user_emb: torch.Tensor, target_texts: Sequence[str]
+) -> torch.Tensor:
+    """L_rec exactly as in training: `[R(u)] {target text}<eos>`, cross-entropy on the text."""
+    hidden, labels = _reconstruction_states(model, user_emb, target_texts)
+    return TokenCrossEntropy()(hidden, labels, model.base_lm.get_output_embeddings())
+
+
+@torch.no_grad()
+def reconstruction_nll(
+    model: torch.nn.Module,
+    user_emb: torch.Tensor,
+    target_texts: Sequence[str],
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Teacher-forced L_rec of each example, `(B,)`: the mean -log p of its text tokens given
+    R(u). Greedy decoding judges only the most likely continuation, so a decoder whose first
+    token collapses onto one title reads as knowing nothing; this scores the whole target text,
+    and with another user's u in place of the own (`analyze`'s `rec_nll_other`) says how much
+    of it u itself carries."""
+    lm_head = model.base_lm.get_output_embeddings()
+    out = []
+    for start in range(0, len(user_emb), batch_size):
+        hidden, labels = _reconstruction_states(
+            model, user_emb[start : start + batch_size], target_texts[start : start + batch_size]
+        )
+        shift = labels[:, 1:].cpu()  # (b, T-1), aligned with hidden[:, :-1] as in training
+        keep = shift != -100
+        logits = lm_head(hidden[:, :-1][keep.to(hidden.device)]).float().cpu()  # (N, vocab)
+        nll = torch.nn.functional.cross_entropy(logits, shift[keep], reduction="none")  # (N,)
+        rows = keep.nonzero()[:, 0]
+        out.append(torch.zeros(len(shift)).index_add_(0, rows, nll) / keep.sum(dim=1))
+    return torch.cat(out)
 
 
 def fit_reconstruction_head(

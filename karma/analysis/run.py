@@ -33,6 +33,7 @@ from karma.analysis.fidelity import (
     catalog_ranks,
     fit_reconstruction_head,
     rank_metrics,
+    reconstruction_nll,
     text_metrics,
 )
 from karma.atomic import ensure_output_dir
@@ -64,6 +65,9 @@ FIDELITY_KEYS = (
     "user_query_rank_median",
     "user_query_mrr",
     "user_query_hr@10",
+    "rec_nll",
+    "rec_nll_other",
+    "rec_nll_own_wins",
 )
 
 
@@ -154,6 +158,7 @@ def analyze_checkpoint(
 ) -> dict[str, Any]:
     """All numbers for one checkpoint (see `analyze`); the model is freed afterwards."""
     from karma.data import load_or_prepare
+    from karma.evaluate import other_histories
     from karma.inference import decode_from_embedding, encode_catalog, encode_users
     from karma.losses import loss_weights
 
@@ -212,6 +217,15 @@ def analyze_checkpoint(
     fidelity.update(
         rank_metrics(catalog_ranks(user_emb, catalog.item_emb, targets), prefix="user_query_")
     )
+    # The whole target text scored under R(u), and under the R(u') of another probe user (the
+    # seeded permutation of `karma eval`'s other history): what u tells the decoder about its
+    # own target beyond what any u does
+    own = reconstruction_nll(model, user_emb, target_texts, ac.batch_size)
+    other = reconstruction_nll(
+        model, user_emb[other_histories(target_texts, ac.seed)], target_texts, ac.batch_size
+    )
+    fidelity.update(rec_nll=float(own.mean()), rec_nll_other=float(other.mean()),
+                    rec_nll_own_wins=float((own < other).float().mean()))  # fmt: skip
     label = str(checkpoint)
     result = {
         "checkpoint": label,
@@ -328,7 +342,11 @@ def write_report(results: list[dict[str, Any]], out_dir: Path) -> Path:
         "query over the full catalog (rank 1 = best, ties count against the target, seen "
         "items not masked); `user_query_*`: u itself as the query, for reference. "
         "`genre_any`/`genre_all`: decoded text contains at least one / every category "
-        "of the target (over targets with categories).",
+        "of the target (over targets with categories). `rec_nll`: the target text's "
+        "teacher-forced L_rec given R(u) (nats per token); `rec_nll_other`: the same given "
+        "another probe user's R(u') (a seeded permutation without fixed points); "
+        "`rec_nll_own_wins`: share of probe users whose own u gives the lower one (0.5 when u "
+        "tells the decoder nothing about its target).",
         "",
     ]
     for lab, r in zip(labels, results):
