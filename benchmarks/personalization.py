@@ -156,18 +156,22 @@ def rows() -> list[dict]:
                         ml1m + [f"loss.preset={preset}"], default=True))
     for dataset in ("ml-100k", "ml-1m"):
         long_cfg = DATA[dataset][0].replace(".yaml", "_long.yaml")
+        # ML-100K's long config ties its ID tables since session 28: the rows measured before
+        # pin the two tables they trained with
+        untied = ["model.tie_item_ids=false"] if dataset == "ml-100k" else []
         for seed in SEEDS:
             # ML-100K's were measured before sequence_windows=all entered its config (rows
             # long-all/*): the newest window only
             newest = (["train.sequence_windows=last", "model.freeze_layers=26"]
                       if dataset == "ml-100k" else [])
             out.append(_llm(f"long/{dataset}/seed{seed}", "long", "karma", "none", dataset, seed,
-                            [f"train.seed={seed}", *newest], config=long_cfg))
+                            [f"train.seed={seed}", *newest, *untied], config=long_cfg))
         if dataset == "ml-100k":  # every training transition, not each user's newest 51 items
             for seed in SEEDS:
                 out.append(_llm(f"long-all/ml-100k/seed{seed}", "long-all", "karma", "none",
                                 dataset, seed, [f"train.seed={seed}", "train.sequence_windows=all",
-                                                "model.freeze_layers=26"], config=long_cfg))
+                                                "model.freeze_layers=26", *untied],
+                                config=long_cfg))
             # the same with LoRA on the top 8 or 12 layers, not 4 (demo-f22 gained 0.015 HR@10
             # at the demo budget): is trainable depth what the long recipe lacks against SASRec?
             for frozen, seeds in ((22, SEEDS), (18, (0,))):
@@ -175,13 +179,14 @@ def rows() -> list[dict]:
                     out.append(_llm(f"long-all-f{frozen}/ml-100k/seed{seed}",
                                     f"long-all-f{frozen}", "karma", "none", dataset, seed,
                                     [f"train.seed={seed}", "train.sequence_windows=all",
-                                     f"model.freeze_layers={frozen}"], config=long_cfg))
+                                     f"model.freeze_layers={frozen}", *untied],
+                                    config=long_cfg))
             # The config with L_rec four times as strong (lambda_rec 2, not 0.5): at 0.5 its
             # jointly trained decoder collapsed onto one title at this budget
             # (benchmarks/results/analysis_long_ml100k_cpu): do the Knowledge regularizers need
             # more weight before they can be judged here?
             out.append(_llm("long-rec2/ml-100k/seed0", "long-rec2", "karma", "none", dataset, 0,
-                            ["train.seed=0", "loss.lambda_rec=2.0"], config=long_cfg))
+                            ["train.seed=0", "loss.lambda_rec=2.0", *untied], config=long_cfg))
             # The same without the Knowledge regularizers (loss.preset=action_only, a 2.5 times
             # cheaper step): what do L_gen and L_rec bring at the long budget? And one change
             # each from it: 2,000 steps (does more data help?), LoRA on the MLP projections too
@@ -189,11 +194,11 @@ def rows() -> list[dict]:
             # rising while the training loss falls: is it memorizing?), one ID table for targets
             # and history (model.tie_item_ids, as SASRec ties its item embeddings)
             for name, extra, seeds in (
-                ("long-action", [], SEEDS),
-                ("long-action-2k", ["train.steps=2000"], (0,)),
-                ("long-action-mlp", ["model.lora_mlp=true"], (0,)),
-                ("long-action-id03", ["model.id_dropout=0.3"], (0,)),
-                ("long-action-ldrop", ["model.lora_dropout=0.1"], (0, 1)),
+                ("long-action", untied, SEEDS),
+                ("long-action-2k", ["train.steps=2000", *untied], (0,)),
+                ("long-action-mlp", ["model.lora_mlp=true", *untied], (0,)),
+                ("long-action-id03", ["model.id_dropout=0.3", *untied], (0,)),
+                ("long-action-ldrop", ["model.lora_dropout=0.1", *untied], (0, 1)),
                 ("long-action-tie", ["model.tie_item_ids=true"], SEEDS),
             ):
                 for seed in seeds:
@@ -210,8 +215,8 @@ def rows() -> list[dict]:
                                                 "train.num_threads=1"], config=long_cfg))
             # long-action seed 0 again on the later machine of the sasrec-rerun rows
             out.append(_llm("long-action-rerun/ml-100k/seed0", "long-action-rerun", "action_only",
-                            "none", dataset, 0, ["train.seed=0", "loss.preset=action_only"],
-                            config=long_cfg))
+                            "none", dataset, 0, ["train.seed=0", "loss.preset=action_only",
+                                                 *untied], config=long_cfg))
         if dataset == "ml-100k":  # the search setting trained as long (one seed so far)
             long_search = _llm("long-search/ml-100k/seed0", "long-search", "karma", "genre",
                                dataset, 0, ["train.seed=0"],
