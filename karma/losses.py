@@ -130,13 +130,23 @@ class TokenCrossEntropy(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module
     ) -> torch.Tensor:
+        nll, _ = self.token_nll(hidden_states, labels, lm_head)
+        if nll.numel() == 0:
+            return hidden_states.sum() * 0.0
+        return nll.mean()
+
+    @staticmethod
+    def token_nll(
+        hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-log p of each labelled token, (N,), and the batch row of each, (N,): what the mean
+        reduces, kept apart for per-example scores (karma.analysis.fidelity)."""
         shift_labels = labels[:, 1:]  # (B, T-1)
         keep = shift_labels != -100
-        if not bool(keep.any()):
-            return hidden_states.sum() * 0.0
         hidden = hidden_states[:, :-1][keep]  # (N, d)
         logits = lm_head(hidden).float()  # (N, vocab)
-        return F.cross_entropy(logits, shift_labels[keep])
+        nll = F.cross_entropy(logits, shift_labels[keep], reduction="none")
+        return nll, keep.nonzero()[:, 0]
 
 
 class CatalogSoftmaxLoss(nn.Module):

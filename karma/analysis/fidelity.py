@@ -183,12 +183,9 @@ def reconstruction_nll(
         hidden, labels = _reconstruction_states(
             model, user_emb[start : start + batch_size], target_texts[start : start + batch_size]
         )
-        shift = labels[:, 1:].cpu()  # (b, T-1), aligned with hidden[:, :-1] as in training
-        keep = shift != -100
-        logits = lm_head(hidden[:, :-1][keep.to(hidden.device)]).float().cpu()  # (N, vocab)
-        nll = torch.nn.functional.cross_entropy(logits, shift[keep], reduction="none")  # (N,)
-        rows = keep.nonzero()[:, 0]
-        out.append(torch.zeros(len(shift)).index_add_(0, rows, nll) / keep.sum(dim=1))
+        nll, rows = TokenCrossEntropy.token_nll(hidden, labels, lm_head)  # (N,), (N,)
+        tokens = (labels[:, 1:] != -100).sum(dim=1)  # (b,)
+        out.append(torch.zeros(len(labels)).index_add_(0, rows.cpu(), nll.cpu()) / tokens.cpu())
     return torch.cat(out)
 
 
