@@ -256,11 +256,19 @@ class KarmaModel(nn.Module):
         return self.run_from_layer(hidden, attention_mask, self.cfg.model.freeze_layers)
 
     def run_from_layer(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        start: int,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Layers start.. and the final norm on the residual stream `hidden` (B, T, d) entering
-        layer `start`; the second half of `run_decoder`, also fed from cached lower states."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        layer `start`; the second half of `run_decoder`, also fed from cached lower states.
+        attention_mask (B, T), or a 4D (B, 1, T, T) bool mask with explicit position_ids (B, T)
+        (packed rows: karma.sequence.pack_search_examples); the default position ids count
+        real tokens."""
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         decoder = self.base_lm.get_decoder()
         span = _decoder_span(decoder, start, len(decoder.layers), final_norm=True)
         out = span(

@@ -23,6 +23,9 @@ and search (read after the query); act_loss weighs the two tasks equally. The se
 exactly the inference prompt: its query tokens attend to the history in every layer, so the
 frozen lower layers' key/values of each user sequence are cached at setup too (bf16, about
 1 MB per user of 50 items on SmolLM2) and a step runs the lower layers on the query tokens only.
+The top layers too: the query tokens are packed behind their user's dense row, whose states of
+x_1 .. x_c are the search prompt's (causal attention), and a 4D mask lets them see only those
+(`pack_search_examples`), so the history is not run through the top layers once per example.
 
 Compute. The lower `model.freeze_layers` layers are frozen and so is everything below them (P_h,
 the catalog statistics, the item tower, which runs with the LoRA adapters off), so their output
@@ -256,18 +259,19 @@ class UserSequences:
         """`search_examples` search examples per user: a cut c uniform in [min(m, n - 1), n - 1]
         (m = `search_min_history`), history x_1 .. x_c, the query and target of x_{c+1}. The
         tokens after x_c (" Query: q <EMB>") run the frozen lower layers against the cached
-        key/values of the first P + c tokens (left-padded); the residual stream entering the
-        first trainable layer is the cached states of those tokens followed by theirs. One row
-        per example, E = B * search_examples, a user's examples adjacent:
-        -> query_states (E, T, d), query_mask (E, T), query_history_ids (E, T),
-        query_emb_positions (E,) (<EMB>), query_history_end (E,) (x_c, for
-        model.search_readout=sum), query_targets (E,), query_allowed (E, N) bool (the query's
-        candidates: items with every category it names; None without categories)."""
+        key/values of the first P + c tokens (left-padded). Their top layers run later, packed
+        behind their user's dense row (`pack_search_examples`), so the history is not run
+        through the top layers again. E = B * search_examples, a user's examples adjacent:
+        -> query_lower (E, Q, d) those tokens' residual stream entering the first trainable
+        layer (right-padded), query_lengths (E,), query_rows (E,) the user's row of the batch,
+        query_history_end (E,) (x_c's position, P + c - 1), query_targets (E,), query_allowed
+        (E, N) bool (the query's candidates: items with every category it names; None without
+        categories)."""
         from transformers import DynamicCache
 
         P, device = self.prefix_len, model.device
-        cuts, new_ids, targets, examples = [], [], [], []
-        for r in rows:
+        cuts, new_ids, targets, examples, batch_rows = [], [], [], [], []
+        for b, r in enumerate(rows):
             seq = self.items[r]
             low = min(self.search_min_history, len(seq) - 1)
             for _ in range(self.search_examples):
@@ -277,6 +281,7 @@ class UserSequences:
                 new_ids.append(ids[P + cut :])  # everything after the last history token
                 targets.append(seq[cut])
                 examples.append(r)
+                batch_rows.append(b)
         rows = examples
         past_len = P + max(cuts)
         kv = torch.stack(
@@ -292,16 +297,7 @@ class UserSequences:
             model.embed_tokens(ids.to(device)),
             torch.cat([past_mask, new_mask], dim=1).to(device),
             past=past,
-        )  # (B, N, d)
-        lengths = [P + c + len(n) for c, n in zip(cuts, new_ids)]
-        states = torch.zeros(len(rows), max(lengths), lower.shape[-1], device=device)
-        mask = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=device)
-        history_ids = torch.full(mask.shape, -1, dtype=torch.long, device=device)
-        for b, (r, c, n) in enumerate(zip(rows, cuts, new_ids)):
-            states[b, : P + c] = self.states[r][: P + c].to(device=device, dtype=torch.float32)
-            states[b, P + c : lengths[b]] = lower[b, : len(n)]
-            mask[b, : lengths[b]] = 1
-            history_ids[b, P : P + c] = torch.tensor(self.items[r][:c], device=device)
+        )  # (E, Q, d)
         allowed = None
         if self.item_categories is not None:  # the query's candidates: every named category
             allowed = torch.ones(len(rows), self.item_categories.shape[0], dtype=torch.bool)
@@ -314,13 +310,57 @@ class UserSequences:
             allowed = allowed.to(device)
         return {
             "query_allowed": allowed,
-            "query_states": states,
-            "query_mask": mask,
-            "query_history_ids": history_ids,
-            "query_emb_positions": torch.tensor(lengths, device=device) - 1,
+            "query_lower": lower.float(),
+            "query_lengths": torch.tensor([len(n) for n in new_ids], device=device),
+            "query_rows": torch.tensor(batch_rows, device=device),
             "query_history_end": torch.tensor([P + c - 1 for c in cuts], device=device),
             "query_targets": torch.tensor(targets, device=device),
         }
+
+
+def pack_search_examples(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    query_lower: torch.Tensor,
+    query_lengths: torch.Tensor,
+    query_rows: torch.Tensor,
+    history_end: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One top-layer pass for the dense rows and their search examples: each example's query
+    tokens are appended to its user's row and see, through a 4D mask, that row's history up to
+    x_c (position `history_end`) and their own earlier tokens only, at the positions they have
+    in `<bos> History: x_1 .. x_c Query: q <EMB>`. Causal attention makes the states of
+    x_1 .. x_c the same in the dense row as in the search prompt, so this equals running each
+    search prompt on its own (tested against the whole-LLM inference path) without running
+    the history through the top layers once per example.
+
+    hidden (B, T, d) and attention_mask (B, T) the dense rows (right-padded), query_lower
+    (E, Q, d), query_lengths / query_rows / history_end (E,) -> hidden (B, T + Q', d), mask
+    (B, 1, T + Q', T + Q') bool, position_ids (B, T + Q'), emb_cols (E,) each example's <EMB>.
+    """
+    B, T, d = hidden.shape
+    device = hidden.device
+    lengths, rows, ends = query_lengths.tolist(), query_rows.tolist(), history_end.tolist()
+    starts, used = [], [T] * B
+    for b, n in zip(rows, lengths):
+        starts.append(used[b])
+        used[b] += n
+    width = max(used)
+    block = hidden.new_zeros(B, width - T, d)
+    positions = torch.zeros(B, width, dtype=torch.long, device=device)
+    positions[:, :T] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    allowed = torch.zeros(B, width, width, dtype=torch.bool, device=device)
+    allowed[:, :T, :T] = causal[:T, :T] & attention_mask.bool()[:, None, :]
+    for e, (b, s, n, h) in enumerate(zip(rows, starts, lengths, ends)):
+        block[b, s - T : s - T + n] = query_lower[e, :n].to(block.dtype)
+        allowed[b, s : s + n, : h + 1] = True  # the history through x_c
+        allowed[b, s : s + n, s : s + n] = causal[:n, :n]
+        positions[b, s : s + n] = torch.arange(h + 1, h + 1 + n, device=device)
+    # padding positions attend to themselves: no softmax over an empty row
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)
+    emb_cols = torch.tensor([s + n - 1 for s, n in zip(starts, lengths)], device=device)
+    return torch.cat([hidden, block], dim=1), allowed[:, None], positions, emb_cols
 
 
 class SequenceObjective(nn.Module):
@@ -379,14 +419,41 @@ class SequenceObjective(nn.Module):
             model.rec_head.requires_grad_(False)
             model.rec_norm.requires_grad_(False)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def top_pass(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The trainable top layers over a `UserSequences.batch`: the dense rows' last hidden
+        states (B, T, d) and, with queries, the search examples' u (E, k), from one pass with
+        the examples packed behind their rows (`pack_search_examples`)."""
         model = self.model
         cut = model.cfg.model.freeze_layers
         mask = batch["attention_mask"]
         hidden = batch["states"]
         if model.has_history_residual:
             hidden = hidden + model.history_residual(batch["history_ids"]).to(hidden.dtype)
-        hidden = model.run_from_layer(hidden, mask, cut)  # (B, T, d)
+        if "query_lower" not in batch:
+            return model.run_from_layer(hidden, mask, cut), None
+        T = hidden.shape[1]
+        packed, mask4, positions, emb_cols = pack_search_examples(
+            hidden, mask, batch["query_lower"], batch["query_lengths"], batch["query_rows"],
+            batch["query_history_end"],
+        )
+        base = model.base_lm
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base  # peft
+        if base.config._attn_implementation != "sdpa":
+            # eager attention adds its mask to the scores: 0 where allowed, the dtype's min else
+            mask4 = torch.zeros(mask4.shape, dtype=packed.dtype, device=packed.device).masked_fill(
+                ~mask4, torch.finfo(packed.dtype).min
+            )
+        packed = model.run_from_layer(packed, mask4, cut, position_ids=positions)
+        query_emb = model.user_from_hidden(
+            packed[batch["query_rows"]], emb_cols, batch["query_history_end"]
+        )  # (E, k)
+        return packed[:, :T], query_emb
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        model = self.model
+        hidden, query_emb = self.top_pass(batch)  # (B, T, d), (E, k) | None
         rows, cols = batch["readout_rows"], batch["readout_cols"]
         readout = F.normalize(model.user_proj(hidden[rows, cols]).float(), dim=-1)  # (R, k)
         n_items = model.history_cache.shape[0]
@@ -402,9 +469,9 @@ class SequenceObjective(nn.Module):
         }
         # L_img reads u at every readout: the dense ones, then the search examples
         img_users, img_targets = [readout], [batch["readout_targets"]]
-        if "query_states" in batch:
-            out["query_act_loss"], search, query_emb = self._query_loss(
-                batch, catalog_emb, temperature
+        if query_emb is not None:
+            out["query_act_loss"], search = self._query_loss(
+                batch, query_emb, catalog_emb, temperature
             )
             img_users.append(query_emb)
             img_targets.append(batch["query_targets"])
@@ -441,26 +508,21 @@ class SequenceObjective(nn.Module):
         return out
 
     def _query_loss(
-        self, batch: dict[str, torch.Tensor], catalog_emb: torch.Tensor, temperature: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Catalog softmax of the search examples, read at <EMB> after the query, (with
-        loss.query_candidates_weight) the softmax over the query's candidates only, and the
-        search examples' u (E, k)."""
-        model = self.model
-        hidden = batch["query_states"]
-        if model.has_history_residual:
-            hidden = hidden + model.history_residual(batch["query_history_ids"]).to(hidden.dtype)
-        hidden = model.run_from_layer(hidden, batch["query_mask"], model.cfg.model.freeze_layers)
-        user_emb = model.user_from_hidden(
-            hidden, batch["query_emb_positions"], batch["query_history_end"]
-        )  # (B, k)
+        self,
+        batch: dict[str, torch.Tensor],
+        user_emb: torch.Tensor,
+        catalog_emb: torch.Tensor,
+        temperature: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Catalog softmax of the search examples' u (E, k), read at <EMB> after the query, and
+        (with loss.query_candidates_weight) the softmax over the query's candidates only."""
         full = self.catalog_loss(user_emb, catalog_emb, batch["query_targets"], temperature)
         if self.query_candidates_weight == 0 or batch.get("query_allowed") is None:
-            return full, None, user_emb
+            return full, None
         candidates = candidates_softmax_loss(
             user_emb, catalog_emb, batch["query_targets"], temperature, batch["query_allowed"]
         )
-        return full, candidates, user_emb
+        return full, candidates
 
     def _rec_loss(self, user_emb: torch.Tensor, rec_targets: list[list[int]]) -> torch.Tensor:
         model = self.model

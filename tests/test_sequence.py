@@ -156,6 +156,15 @@ def _top_readout(model, states, history_ids, mask, positions, history_end=None):
     return model.user_from_hidden(hidden, positions, history_end)
 
 
+@torch.no_grad()
+def _search_readout(model, cfg, batch):
+    """The search examples' u (E, k) as the objective computes it in training: their query
+    tokens packed behind their user's dense row, one pass of the top layers."""
+    from karma.sequence import SequenceObjective
+
+    return SequenceObjective(model, cfg.loss).top_pass(batch)[1]
+
+
 def test_sequence_objective_trains_and_its_readout_is_the_inference_path(tmp_path):
     from karma.checkpoint import load_model
     from karma.data import load_prepared
@@ -274,22 +283,23 @@ def test_search_examples_are_the_inference_prompt(tmp_path, search_readout):
     histories = [seqs.items[r][:c] for r, c in zip(rows, cuts)]
     queries = [seqs.queries[r][c - 1] for r, c in zip(rows, cuts)]
     assert batch["query_targets"].tolist() == [seqs.items[r][c] for r, c in zip(rows, cuts)]
-    args = (model, batch["query_states"], batch["query_history_ids"], batch["query_mask"],
-            batch["query_emb_positions"])
-    trained = _top_readout(*args, batch["query_history_end"])
+    trained = _search_readout(model, cfg2, batch)
     catalog = encode_catalog(model, data.items.texts, progress=False)
     full = encode_users(model, histories, queries, catalog, data.items.texts)
     assert all(queries)
     cos = torch.nn.functional.cosine_similarity
     assert cos(trained, full, dim=-1).min() > 0.999
-    at_emb_only = _top_readout(*args)  # without history_end: <EMB> alone
+    model.cfg.model.search_readout = "query"
+    at_emb_only = _search_readout(model, cfg2, batch)  # <EMB> alone
     assert (cos(trained, at_emb_only, dim=-1).min() > 0.999) == (search_readout == "query")
 
 
 def test_several_search_examples_per_user_with_a_minimum_history(tmp_path):
     """train.search_examples=3, train.search_min_history=4: each user gives 3 adjacent search
     examples per step, each cut drawn in [min(4, n - 1), n - 1] in the same seeded order, and
-    every one is still the inference prompt (readout equals encode_users)."""
+    every one is still the inference prompt (readout equals encode_users), with eager attention
+    too."""
+    from karma.analysis.collect import eager_attention
     from karma.checkpoint import load_model
     from karma.data import load_prepared
     from karma.sequence import UserSequences
@@ -311,20 +321,40 @@ def test_several_search_examples_per_user_with_a_minimum_history(tmp_path):
             cuts.append(int(torch.randint(min(4, n - 1), n, (1,), generator=draw)))
             users.append(int(r))
             assert cuts[-1] >= min(4, n - 1)
-    assert batch["query_states"].shape[0] == 12 == batch["query_targets"].shape[0]
+    assert batch["query_lower"].shape[0] == 12 == batch["query_targets"].shape[0]
     assert batch["query_targets"].tolist() == [seqs.items[r][c] for r, c in zip(users, cuts)]
-    _assert_search_examples_are_inference(model, data, seqs, batch, users, cuts)
+    _assert_search_examples_are_inference(model, cfg2, data, seqs, batch, users, cuts)
+    with eager_attention(model.base_lm):  # eager adds its mask: packing gives it a float one
+        eager = _search_readout(model, cfg2, batch)
+    torch.testing.assert_close(eager, _search_readout(model, cfg2, batch), atol=1e-5, rtol=1e-4)
 
 
-def _assert_search_examples_are_inference(model, data, seqs, batch, rows, cuts):
+@torch.no_grad()
+def _assert_packing_is_one_prompt_each(model, cfg, batch):
+    """pack_search_examples gives each search example what running its own prompt through the
+    top layers gives: the row's history states up to x_c, then its query tokens (a tight
+    tolerance: a position off by one passes the cosine check against inference)."""
+    packed = _search_readout(model, cfg, batch)
+    states = batch["states"] + model.history_residual(batch["history_ids"])
+    for e, (b, n, h) in enumerate(zip(batch["query_rows"].tolist(),
+                                      batch["query_lengths"].tolist(),
+                                      batch["query_history_end"].tolist())):
+        prompt = torch.cat([states[b, : h + 1], batch["query_lower"][e, :n]])[None]
+        hidden = model.run_from_layer(prompt, torch.ones(1, h + 1 + n, dtype=torch.long),
+                                      model.cfg.model.freeze_layers)
+        alone = model.user_from_hidden(hidden, torch.tensor([h + n]), torch.tensor([h]))
+        torch.testing.assert_close(packed[e : e + 1], alone, atol=1e-5, rtol=1e-4)
+
+
+def _assert_search_examples_are_inference(model, cfg, data, seqs, batch, rows, cuts):
     """The top-layer readout of each search example of `batch` (row, cut) equals the whole LLM
     on the inference prompt: history x_1 .. x_cut and the query of x_{cut+1}."""
     from karma.inference import encode_catalog, encode_users
 
     histories = [seqs.items[r][:c] for r, c in zip(rows, cuts)]
     queries = [seqs.queries[r][c - 1] for r, c in zip(rows, cuts)]
-    trained = _top_readout(model, batch["query_states"], batch["query_history_ids"],
-                           batch["query_mask"], batch["query_emb_positions"])
+    _assert_packing_is_one_prompt_each(model, cfg, batch)
+    trained = _search_readout(model, cfg, batch)
     catalog = encode_catalog(model, data.items.texts, progress=False)
     full = encode_users(model, histories, queries, catalog, data.items.texts)
     assert torch.nn.functional.cosine_similarity(trained, full, dim=-1).min() > 0.999
@@ -374,7 +404,7 @@ def test_every_window_is_a_row_and_keeps_its_targets_queries(tmp_path):
     batch = seqs.batch(model, np.array(old), generator=torch.Generator().manual_seed(3))
     draw = torch.Generator().manual_seed(3)
     cuts = [int(torch.randint(1, len(seqs.items[i]), (1,), generator=draw)) for i in old]
-    _assert_search_examples_are_inference(model, data, seqs, batch, old, cuts)
+    _assert_search_examples_are_inference(model, cfg2, data, seqs, batch, old, cuts)
     cfg2.train.sequence_windows = "last"
     newest = UserSequences.build(model, data, cfg2, progress=False)
     assert newest.items == [full[u][-5:] for u in users]
