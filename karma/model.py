@@ -264,9 +264,9 @@ class KarmaModel(nn.Module):
     ) -> torch.Tensor:
         """Layers start.. and the final norm on the residual stream `hidden` (B, T, d) entering
         layer `start`; the second half of `run_decoder`, also fed from cached lower states.
-        attention_mask (B, T), or a 4D (B, 1, T, T) bool mask with explicit position_ids (B, T)
-        (packed rows: karma.sequence.pack_search_examples); the default position ids count
-        real tokens."""
+        attention_mask (B, T), or a 4D (B, 1, T, T) mask (bool for sdpa, additive float for
+        eager) with explicit position_ids (B, T) (packed rows: karma.sequence.
+        pack_search_examples); the default position ids count real tokens."""
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         decoder = self.base_lm.get_decoder()
