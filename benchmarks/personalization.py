@@ -143,24 +143,24 @@ def rows() -> list[dict]:
         out.append(_llm(f"search-k4/genre/{preset}", "search-k4", preset, "genre", "ml-100k", 0,
                         with_overrides(one, "train.search_examples=4") +
                         [f"loss.preset={preset}"]))
-        if preset == "action_only":
-            # one change each from the demo's search recipe (4 examples): the query-less
-            # readout added to the search embedding, and one ID table (as the long config)
-            h50 = ["data.max_history=50", "train.sequence_max_len=50",
-                   f"data.prepared_dir={_prepared('ml-100k', 'genre', 50)}"]
-            for name, extra in (("search-k4-sum", ["model.search_readout=sum"]),
-                                ("search-k4-tie", ["model.tie_item_ids=true"]),
-                                ("search-k4-h50", h50),
-                                ("search-k4-h50-sum", h50 + ["model.search_readout=sum"])):
+        # one change each from the demo's search recipe (4 examples), one thread a row: the
+        # query-less readout added to the search embedding, one ID table (as the long config),
+        # history 50 (with karma too), history 50 with the sum
+        h50 = ["data.max_history=50", "train.sequence_max_len=50",
+               f"data.prepared_dir={_prepared('ml-100k', 'genre', 50)}"]
+        for name, extra, presets in (
+            ("search-k4-sum", ["model.search_readout=sum"], ("action_only",)),
+            ("search-k4-tie", ["model.tie_item_ids=true"], ("action_only",)),
+            ("search-k4-h50", h50, ("action_only", "karma")),
+            ("search-k4-h50-sum", h50 + ["model.search_readout=sum"], ("action_only",)),
+            # ... and at the no-query demo's 400 steps: does the history's share keep growing?
+            ("search-k4-h50-sum-400", h50 + ["model.search_readout=sum", "train.steps=400",
+                                             "train.eval_every=400"], ("action_only", "karma")),
+        ):
+            if preset in presets:
                 row = _llm(f"{name}/genre/{preset}", name, preset, "genre", "ml-100k", 0,
                            search + extra + [f"loss.preset={preset}", "train.num_threads=1"])
                 out += [row, _filtered(row, f"{name}/genre-filter/{preset}")]
-            # the last at the no-query demo's 400 steps: does the history's share keep growing?
-            row = _llm(f"search-k4-h50-sum-400/genre/{preset}", "search-k4-h50-sum-400", preset,
-                       "genre", "ml-100k", 0,
-                       search + h50 + ["model.search_readout=sum", f"loss.preset={preset}",
-                                       "train.steps=400", "train.eval_every=400"])
-            out += [row, _filtered(row, f"search-k4-h50-sum-400/genre-filter/{preset}")]
         # the search setting's demo before issue 10: the prompt recipe
         out.append(_llm(f"prompt/genre/{preset}", "prompt", preset, "genre", "ml-100k", 0,
                         prompt + [f"loss.preset={preset}"]))
@@ -489,7 +489,7 @@ def write_report(results: list[dict], out: Path) -> None:
               "`search-k4-*` one change from the demo's genre recipe (4 examples, history 20, "
               "150 steps, one thread): `-sum` model.search_readout=sum, `-tie` "
               "model.tie_item_ids=true, `-h50` history 50, `-h50-sum` both, `-h50-sum-400` "
-              "that at 400 steps (two threads); "
+              "that at 400 steps; "
               "`*/genre-filter` rank only the items of the query's genres (eval.query_filter); "
               "`demo-f22` the no-query demo with model.freeze_layers=22 (LoRA on the top 8 "
               "layers, not 4), `long-all-f22` / `-f18` the long recipe with the top 8 / 12 layers "
