@@ -50,14 +50,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from karma.atomic import write_tensor_atomic
 from karma.batching import IGNORE_INDEX, pad_sequences
@@ -73,6 +71,13 @@ from karma.losses import (
 )
 from karma.model import KarmaModel
 from karma.objective import reconstruction_loss
+from karma.sequence_cache import (
+    cache_dir,
+    cache_key,
+    load_or_compute,
+    lower_states,
+    suffix_states,
+)
 from karma.split import category_matrix, query_items, training_windows
 
 
@@ -151,14 +156,14 @@ class UserSequences:
         prompt = model.prompt
         prefix = prompt.bos + prompt.history_first_ids
         x_all = model.history_proj(model.condition(model.history_cache))  # (N, d) history tokens
-        key = _cache_key(cfg, prefix, x_all, items)
-        path, kv_path = _cache_dir() / f"{key}.pt", _cache_dir() / f"{key}-kv.pt"
+        key = cache_key(cfg, prefix, x_all, items)
+        path, kv_path = cache_dir() / f"{key}.pt", cache_dir() / f"{key}-kv.pt"
         # with queries the lower layers' key/values are kept too (search examples), from the
         # same pass
         with_kv = cfg.data.query_mode != "none"
 
         def lower_pass(keep_kv: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-            return _lower_states(
+            return lower_states(
                 model, prefix, x_all, items, cfg.eval.batch_size, progress, keep_kv
             )
 
@@ -168,7 +173,7 @@ class UserSequences:
             write_tensor_atomic(path, states)
             write_tensor_atomic(kv_path, kv)
         else:
-            states = _cached(path, lambda: lower_pass(keep_kv=False)[0])
+            states = load_or_compute(path, lambda: lower_pass(keep_kv=False)[0])
             if with_kv:
                 kv = torch.load(kv_path, weights_only=True)
         lambda_gen, lambda_rec, _ = loss_weights(cfg.loss)
@@ -179,9 +184,9 @@ class UserSequences:
             for t in target_ids:
                 h.update(np.asarray(prompt.next_ids + list(t), dtype=np.int64).tobytes())
             starts = [st.shape[0] for st in states]
-            suffixes = _cached(
-                _cache_dir() / f"{h.hexdigest()[:24]}-next.pt",
-                lambda: _suffix_states(model, target_ids, starts, cfg.eval.batch_size, progress),
+            suffixes = load_or_compute(
+                cache_dir() / f"{h.hexdigest()[:24]}-next.pt",
+                lambda: suffix_states(model, target_ids, starts, cfg.eval.batch_size, progress),
             )
         queries = _target_queries(data.split("train"), users) if with_kv else None
         cats, columns = category_matrix(data.items.categories) if with_kv else (None, None)
@@ -535,74 +540,6 @@ class SequenceObjective(nn.Module):
         )
 
 
-@torch.no_grad()
-def _lower_states(
-    model: KarmaModel,
-    prefix: list[int],
-    x_all: torch.Tensor,
-    items: list[list[int]],
-    batch_size: int,
-    progress: bool,
-    keep_kv: bool = False,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """The frozen lower layers over `<bos> History: x_1 .. x_{n-1}` of every user, by length:
-    per user the residual stream entering the first trainable layer (T, d), and with keep_kv
-    the lower layers' key/values (L, 2, h, T, hd), all bf16 on CPU."""
-    from transformers import DynamicCache
-
-    prefix_emb = model.embed_tokens(torch.tensor([prefix], device=model.device))[0]  # (P, d)
-    order = sorted(range(len(items)), key=lambda i: len(items[i]))
-    out: list[torch.Tensor | None] = [None] * len(items)
-    kv: list[torch.Tensor | None] = [None] * len(items)
-    users_per_batch = max(1, batch_size // 16)
-    starts = range(0, len(order), users_per_batch)
-    for s in tqdm(starts, desc="cache lower layers", disable=not progress, leave=False):
-        idx = order[s : s + users_per_batch]
-        lengths = [len(prefix) + len(items[i]) - 1 for i in idx]
-        emb = torch.zeros(len(idx), max(lengths), x_all.shape[1], device=model.device)
-        mask = torch.zeros(len(idx), max(lengths), dtype=torch.long, device=model.device)
-        for b, i in enumerate(idx):
-            hist = torch.tensor(items[i][:-1], device=model.device)
-            emb[b, : len(prefix)] = prefix_emb
-            emb[b, len(prefix) : lengths[b]] = x_all[hist]
-            mask[b, : lengths[b]] = 1
-        past = DynamicCache() if keep_kv else None
-        lower = model.run_lower(emb, mask, past=past)
-        for b, i in enumerate(idx):
-            out[i] = lower[b, : lengths[b]].to(torch.bfloat16).cpu()
-            if keep_kv:
-                n = lengths[b]
-                pairs = [torch.stack((k.keys[b, :, :n], k.values[b, :, :n])) for k in past.layers]
-                kv[i] = torch.stack(pairs).to(torch.bfloat16).cpu()  # (L, 2, h, n, hd)
-    return out, (kv if keep_kv else None)  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def _suffix_states(
-    model: KarmaModel,
-    target_ids: list[list[int]],
-    starts: list[int],
-    batch_size: int,
-    progress: bool = False,
-) -> list[torch.Tensor]:
-    """Lower states of " Next: {x_n text}<eos>" per user on their own (they meet the history only
-    in the trainable top layers), positions continuing at starts[u]; right-padded batches, so
-    each row's real tokens are exact. -> per user (len(next) + len(target), d) bf16."""
-    next_ids = model.prompt.next_ids
-    seqs = [next_ids + list(t) for t in target_ids]
-    out: list[torch.Tensor] = []
-    batches = range(0, len(seqs), batch_size)
-    for s in tqdm(batches, desc="cache target text", disable=not progress, leave=False):
-        chunk = seqs[s : s + batch_size]
-        ids, mask, _ = pad_sequences(chunk, model.prompt.pad_id)
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        offsets = torch.tensor(starts[s : s + batch_size], device=model.device)[:, None]
-        position_ids = offsets + torch.arange(ids.shape[1], device=model.device)[None]
-        lower = model.run_lower(model.embed_tokens(ids), mask, position_ids)
-        out += [lower[b, : len(seq)].to(torch.bfloat16).cpu() for b, seq in enumerate(chunk)]
-    return out
-
-
 def _target_queries(train: Any, users: list[tuple[str, int, list[int]]]) -> list[list[str]]:
     """Per window (user, start, x_1 .. x_n), the query of each readout target x_2 .. x_n: the
     queries of the user's training examples start .. start + n - 2, whose targets these items
@@ -620,27 +557,3 @@ def _target_queries(train: Any, users: list[tuple[str, int, list[int]]]) -> list
             )
         out.append([train.queries[r] for r in rows])
     return out
-
-
-def _cache_key(cfg: Config, prefix: list[int], x_all: torch.Tensor, items: list[list[int]]) -> str:
-    h = hashlib.sha256()
-    h.update(repr((cfg.model.backbone, cfg.model.freeze_layers, prefix)).encode())
-    h.update(x_all.detach().float().cpu().numpy().tobytes())
-    for seq in items:
-        h.update(np.asarray(seq, dtype=np.int64).tobytes())
-    return h.hexdigest()[:24]
-
-
-def _cached(path: Path, compute: Any) -> Any:
-    """torch.load(path) if it exists, else compute() written there atomically."""
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    value = compute()
-    write_tensor_atomic(path, value)
-    return value
-
-
-def _cache_dir() -> Path:
-    from karma.backbones import karma_home
-
-    return karma_home() / "sequence_cache"

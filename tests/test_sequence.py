@@ -236,14 +236,14 @@ def test_the_plain_decoder_with_injected_ids_equals_run_decoder(tmp_path):
 def test_batched_next_text_states_equal_one_user_at_a_time(tmp_path):
     """L_gen's " Next: {text}<eos>" lower states are computed for all users in right-padded
     batches at setup; each row must equal its own unpadded pass."""
-    from karma.sequence import _suffix_states
+    from karma.sequence_cache import suffix_states
 
     torch.manual_seed(0)
     model = build_model(_cfg(tmp_path, "model.freeze_layers=1")).eval()
     targets = [model.prompt.target(t) for t in ["Heat", "The Usual Suspects (1995)", "Babe"]]
     starts = [5, 12, 3]
-    batched = _suffix_states(model, targets, starts, batch_size=3)
-    single = [_suffix_states(model, [t], [s], batch_size=1)[0] for t, s in zip(targets, starts)]
+    batched = suffix_states(model, targets, starts, batch_size=3)
+    single = [suffix_states(model, [t], [s], batch_size=1)[0] for t, s in zip(targets, starts)]
     for b, one, t in zip(batched, single, targets):
         assert b.shape == one.shape == (len(model.prompt.next_ids) + len(t), model.hidden_size)
         torch.testing.assert_close(b.float(), one.float(), atol=2e-2, rtol=2e-2)  # bf16 storage
